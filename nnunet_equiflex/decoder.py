@@ -1,0 +1,80 @@
+"""The light upsampling head: 1x1 projection of the tokens, bilinear upsampling, optional refinement.
+
+Bilinear upsampling by an integer factor with ``align_corners=False`` samples output pixel
+``i`` at ``(i + 0.5) / p - 0.5``, which is symmetric about the centre of the grid, so it
+commutes with flips and (for equal factors) transposes. The optional refinement uses 3x3
+kernels averaged over their own images under the group, so a convolution with them commutes
+with every group element as well (zero padding is symmetric too).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nnunet_equiflex.groups import group_elements
+
+
+class SymmetricConv2d(nn.Conv2d):
+    """A ``k x k`` convolution whose kernel is symmetrised over a group's action on the kernel."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, group: str = "d2") -> None:
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        self.elements = group_elements(group)
+
+    def symmetric_weight(self) -> torch.Tensor:
+        return torch.stack([g.apply(self.weight) for g in self.elements]).mean(dim=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.symmetric_weight(), self.bias, padding=self.padding)
+
+
+class Refinement(nn.Module):
+    """Full-resolution residual correction from the upsampled features and the input image."""
+
+    def __init__(self, in_channels: int, feature_dim: int, num_classes: int, hidden: int, group: str) -> None:
+        super().__init__()
+        self.conv1 = SymmetricConv2d(in_channels + feature_dim, hidden, 3, group)
+        self.act = nn.GELU()
+        self.conv2 = SymmetricConv2d(hidden, num_classes, 3, group)
+        nn.init.zeros_(self.conv2.weight)  # start as the plain upsampled head
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, image: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.act(self.conv1(torch.cat([image, features], dim=1))))
+
+
+class LightDecoder(nn.Module):
+    """Tokens ``(B, 1 + h*w, D)`` -> logits ``(B, num_classes, H, W)``.
+
+    The final LayerNorm lives in the encoder (``encoder.norm``, as in timm's layout).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_classes: int,
+        patch_size: int,
+        in_channels: int,
+        refine: bool = False,
+        refine_dim: int = 32,
+        group: str = "d2",
+    ) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.head = nn.Linear(embed_dim, num_classes)
+        self.refine_proj = nn.Linear(embed_dim, refine_dim) if refine else None
+        self.refinement = Refinement(in_channels, refine_dim, num_classes, refine_dim, group) if refine else None
+
+    def _upsample(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        maps = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
+        return F.interpolate(maps, scale_factor=self.patch_size, mode="bilinear", align_corners=False)
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], image: torch.Tensor) -> torch.Tensor:
+        patches = tokens[:, 1:]
+        logits = self._upsample(self.head(patches), grid)
+        if self.refinement is not None:
+            features = self._upsample(self.refine_proj(patches), grid)
+            logits = logits + self.refinement(image, features)
+        return logits

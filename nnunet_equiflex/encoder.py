@@ -1,0 +1,234 @@
+"""The EquiFlexFormer encoder: patch embedding, lifting over a symmetry group, local attention.
+
+Forward pass for ``x`` of shape ``(B, C, H, W)``:
+
+1. Lifting: the ``|G|`` transformed copies ``g(x)`` are batched into one pass of batch
+   ``|G| * B``; each gets patch embedding, position embedding, a CLS token and the first
+   ``n_lifted_blocks`` blocks with global attention.
+2. Each copy's token grid is mapped back with ``g^-1`` and the copies are pooled over ``G``
+   (max or mean; CLS tokens too). Writing ``L`` for step 1 on one copy,
+   ``E(x) = pool_g g^-1 L(g x)`` and for any ``h`` in ``G``
+   ``E(h x) = pool_g g^-1 L(g h x) = h pool_g' g'^-1 L(g' x) = h E(x)`` (substituting
+   ``g' = g h``), whatever ``L`` computes, position embeddings included.
+3. The remaining blocks use local attention over a symmetric ``(2r+1) x (2r+1)`` window plus
+   CLS and add no position information, so they commute with every element of ``G``.
+
+Parameter names follow timm's VisionTransformer (``cls_token``, ``pos_embed``,
+``patch_embed.proj``, ``blocks.{i}.attn.qkv`` ...), so foreign checkpoints map by renaming.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nnunet_equiflex.attention import local_window_attention
+from nnunet_equiflex.groups import check_grid_supported, group_elements
+
+POOLINGS = ("max", "mean")
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping ``p x p`` patches projected to ``embed_dim`` (a strided convolution)."""
+
+    def __init__(self, in_channels: int, embed_dim: int, patch_size: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, h*w, D)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; global, or local on a token grid when ``grid`` is given."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        grid: tuple[int, int] | None = None,
+        window_radius: int = 0,
+        dilation: int = 1,
+        backend: str = "auto",
+    ) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if grid is None:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = local_window_attention(q, k, v, grid, window_radius, dilation, backend=backend)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample while training."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (timm layout)."""
+
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float, norm_eps: float
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path2 = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, **attn_kwargs) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x), **attn_kwargs))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class EquiFlexEncoder(nn.Module):
+    """ViT encoder, equivariant to ``group`` (see the module docstring for the argument)."""
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        patch_size: int = 8,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        norm_eps: float = 1e-6,
+        n_lifted_blocks: int = 4,
+        window_radius: int = 2,
+        window_dilation: int = 1,
+        group: str = "d2",
+        group_pooling: str = "max",
+        drop_path_rate: float = 0.0,
+        attention_backend: str = "auto",
+        pos_embed_grid: tuple[int, int] = (28, 28),
+    ) -> None:
+        super().__init__()
+        if not 0 <= n_lifted_blocks <= depth:
+            raise ValueError(f"n_lifted_blocks must lie in 0..depth ({depth}), got {n_lifted_blocks}")
+        if group_pooling not in POOLINGS:
+            raise ValueError(f"unknown group_pooling {group_pooling!r}; choose one of {', '.join(POOLINGS)}")
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.n_lifted_blocks = n_lifted_blocks
+        self.window_radius = window_radius
+        self.window_dilation = window_dilation
+        self.group = group
+        self.group_pooling = group_pooling
+        self.attention_backend = attention_backend
+        self.elements = group_elements(group)
+        self.pos_embed_grid = tuple(pos_embed_grid)
+
+        self.patch_embed = PatchEmbed(in_channels, embed_dim, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.pos_embed_grid[0] * self.pos_embed_grid[1], embed_dim))
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rate, norm_eps) for rate in rates)
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        self.apply(_init_weights)
+
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(
+                f"input size ({height}, {width}) is not divisible by the token size {p}; pad or crop "
+                f"to a multiple of {p} (in nnU-Net: re-plan with the EquiFlex planner or pick a patch "
+                f"size that is a multiple of {p})"
+            )
+        check_grid_supported(self.group, height, width)
+        return height // p, width // p
+
+    def interpolated_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Position embedding resampled bicubically to ``grid`` (identity on the native grid)."""
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        if tuple(grid) != self.pos_embed_grid:
+            patch_pos = patch_pos.reshape(1, *self.pos_embed_grid, -1).permute(0, 3, 1, 2)
+            patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
+            patch_pos = patch_pos.permute(0, 2, 3, 1).flatten(1, 2)
+        return torch.cat([cls_pos, patch_pos], dim=1)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        tokens = self.patch_embed(x)
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls, tokens], dim=1) + self.interpolated_pos_embed(grid)
+
+    def lift_and_pool(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Steps 1 and 2: the lifted blocks on all ``g(x)`` in one batch, then ``pool_g g^-1``."""
+        batch = x.shape[0]
+        # All copies have x's shape (D4 is only allowed on squares), so they share one pass.
+        tokens = self.embed(torch.cat([g.apply(x) for g in self.elements], dim=0))
+        for block in self.blocks[: self.n_lifted_blocks]:
+            tokens = block(tokens)
+        per_element = tokens.split(batch, dim=0)
+        aligned = []
+        for g, t in zip(self.elements, per_element):
+            g_grid = g.maps_grid(grid)
+            patches = g.inverse().apply_to_tokens(t[:, 1:], g_grid)
+            aligned.append(torch.cat([t[:, :1], patches], dim=1))
+        stacked = torch.stack(aligned, dim=0)
+        return stacked.amax(dim=0) if self.group_pooling == "max" else stacked.mean(dim=0)
+
+    def forward_local(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Step 3: the local-attention blocks on pooled tokens ``(B, 1 + h*w, D)``."""
+        for block in self.blocks[self.n_lifted_blocks :]:
+            tokens = block(
+                tokens,
+                grid=grid,
+                window_radius=self.window_radius,
+                dilation=self.window_dilation,
+                backend=self.attention_backend,
+            )
+        return tokens
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Return normalised tokens ``(B, 1 + h*w, D)`` (CLS first) and the token grid ``(h, w)``."""
+        grid = self.token_grid(x.shape[-2], x.shape[-1])
+        tokens = self.forward_local(self.lift_and_pool(x, grid), grid)
+        return self.norm(tokens), grid
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,140 @@
+"""EquiFlexFormer: the equivariant encoder plus the light decoder, built from plain kwargs.
+
+Every constructor argument is JSON-serialisable, so an nnU-Net plans file can rebuild the
+network from ``network_class_name = "nnunet_equiflex.network.EquiFlexFormer"`` and its
+``arch_kwargs``. The result satisfies ``f(g x) = g f(x)`` for every ``g`` of ``group`` (to
+float rounding), in eval mode; see ``encoder.py`` for the argument.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from nnunet_equiflex.decoder import LightDecoder
+from nnunet_equiflex.encoder import EquiFlexEncoder
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # DINO ViT-S/8 shape (the reference method's backbone); native position grid 28x28 (224 px).
+    "vit_s8": dict(
+        patch_size=8,
+        embed_dim=384,
+        depth=12,
+        num_heads=6,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        norm_eps=1e-6,
+        n_lifted_blocks=4,
+        window_radius=2,
+        pos_embed_grid=(28, 28),
+    ),
+    # Trains in seconds on a CPU; for tests, demos and CPU smoke runs.
+    "tiny": dict(
+        patch_size=4,
+        embed_dim=64,
+        depth=4,
+        num_heads=4,
+        mlp_ratio=2.0,
+        qkv_bias=True,
+        norm_eps=1e-6,
+        n_lifted_blocks=1,
+        window_radius=2,
+        pos_embed_grid=(8, 8),
+        refine=True,
+        refine_dim=16,
+    ),
+}
+
+
+class EquiFlexFormer(nn.Module):
+    """Reflection-equivariant ViT with local attention for 2D segmentation.
+
+    Args:
+        in_channels: image channels.
+        num_classes: output channels (logits, background included).
+        patch_size: token size p; inputs must have H and W divisible by p.
+        embed_dim, depth, num_heads, mlp_ratio, qkv_bias, norm_eps: ViT shape.
+        n_lifted_blocks: blocks run on all |G| transformed copies with global attention (0..depth).
+        window_radius: r of the (2r+1) x (2r+1) local window of the remaining blocks.
+        window_dilation: spacing of the window's tokens (1 = dense).
+        group: "none" (plain ViT), "d2" (flips) or "d4" (flips and 90-degree rotations, square inputs).
+        group_pooling: "max" or "mean" over the group after the lifting.
+        drop_path_rate: stochastic depth, linearly increasing over the blocks.
+        attention_backend: "auto", "flex" or "sdpa" for the local blocks.
+        pos_embed_grid: native token grid of the learned position embedding (interpolated as needed).
+        refine: add the equivariant full-resolution refinement after upsampling.
+        refine_dim: channels of that refinement.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        patch_size: int = 8,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        norm_eps: float = 1e-6,
+        n_lifted_blocks: int = 4,
+        window_radius: int = 2,
+        window_dilation: int = 1,
+        group: str = "d2",
+        group_pooling: str = "max",
+        drop_path_rate: float = 0.0,
+        attention_backend: str = "auto",
+        pos_embed_grid: tuple[int, int] | list[int] = (28, 28),
+        refine: bool = False,
+        refine_dim: int = 32,
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.patch_size = patch_size
+        self.encoder = EquiFlexEncoder(
+            in_channels=in_channels,
+            patch_size=patch_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            norm_eps=norm_eps,
+            n_lifted_blocks=n_lifted_blocks,
+            window_radius=window_radius,
+            window_dilation=window_dilation,
+            group=group,
+            group_pooling=group_pooling,
+            drop_path_rate=drop_path_rate,
+            attention_backend=attention_backend,
+            pos_embed_grid=tuple(pos_embed_grid),
+        )
+        self.decoder = LightDecoder(
+            embed_dim, num_classes, patch_size, in_channels, refine=refine, refine_dim=refine_dim, group=group
+        )
+
+    @classmethod
+    def from_preset(cls, name: str, in_channels: int, num_classes: int, **overrides: Any) -> EquiFlexFormer:
+        return cls(in_channels=in_channels, num_classes=num_classes, **preset_kwargs(name, **overrides))
+
+    def set_attention_backend(self, backend: str) -> None:
+        self.encoder.attention_backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"expected a 2D batch (B, C, H, W), got shape {tuple(x.shape)}")
+        tokens, grid = self.encoder(x)
+        return self.decoder(tokens, grid, x)
+
+
+def preset_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
+    """The constructor kwargs of preset ``name`` (without channels/classes), with overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    kwargs = copy.deepcopy(PRESETS[name])
+    kwargs.update(overrides)
+    return kwargs
