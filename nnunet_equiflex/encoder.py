@@ -13,6 +13,11 @@ Forward pass for ``x`` of shape ``(B, C, H, W)``:
 3. The remaining blocks use local attention over a symmetric ``(2r+1) x (2r+1)`` window plus
    CLS and add no position information, so they commute with every element of ``G``.
 
+Optional register tokens (DINOv2 with registers) are extra prefix tokens after CLS, without a
+position embedding entry: like CLS they are pooled over ``G`` after the lifting and see and are
+seen by every token in the local blocks, so the argument above is unchanged. They are dropped
+from the output. Optional LayerScale (``ls1``/``ls2``, DINOv2) scales each residual branch.
+
 Parameter names follow timm's VisionTransformer (``cls_token``, ``pos_embed``,
 ``patch_embed.proj``, ``blocks.{i}.attn.qkv`` ...), so foreign checkpoints map by renaming.
 """
@@ -39,6 +44,17 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, h*w, D)
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch (CaiT/DINOv2); ``gamma`` as in timm."""
+
+    def __init__(self, dim: int, init_value: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
 
 
 class Mlp(nn.Module):
@@ -70,6 +86,7 @@ class Attention(nn.Module):
         window_radius: int = 0,
         dilation: int = 1,
         backend: str = "auto",
+        num_prefix_tokens: int = 1,
     ) -> torch.Tensor:
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
@@ -77,7 +94,7 @@ class Attention(nn.Module):
         if grid is None:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
-            out = local_window_attention(q, k, v, grid, window_radius, dilation, backend=backend)
+            out = local_window_attention(q, k, v, grid, window_radius, dilation, num_prefix_tokens, backend=backend)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -97,22 +114,31 @@ class DropPath(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block (timm layout)."""
+    """Pre-norm transformer block (timm layout), with optional LayerScale."""
 
     def __init__(
-        self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float, norm_eps: float
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        drop_path: float,
+        norm_eps: float,
+        layer_scale_init: float | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias)
+        self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, **attn_kwargs) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x), **attn_kwargs))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), **attn_kwargs)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 class EquiFlexEncoder(nn.Module):
@@ -136,8 +162,12 @@ class EquiFlexEncoder(nn.Module):
         drop_path_rate: float = 0.0,
         attention_backend: str = "auto",
         pos_embed_grid: tuple[int, int] = (28, 28),
+        num_register_tokens: int = 0,
+        layer_scale_init: float | None = None,
     ) -> None:
         super().__init__()
+        if num_register_tokens < 0:
+            raise ValueError(f"num_register_tokens must be >= 0, got {num_register_tokens}")
         if not 0 <= n_lifted_blocks <= depth:
             raise ValueError(f"n_lifted_blocks must lie in 0..depth ({depth}), got {n_lifted_blocks}")
         if group_pooling not in POOLINGS:
@@ -152,15 +182,23 @@ class EquiFlexEncoder(nn.Module):
         self.attention_backend = attention_backend
         self.elements = group_elements(group)
         self.pos_embed_grid = tuple(pos_embed_grid)
+        self.num_register_tokens = num_register_tokens
+        self.num_prefix_tokens = 1 + num_register_tokens  # CLS, then the registers
 
         self.patch_embed = PatchEmbed(in_channels, embed_dim, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # Registers have no position embedding entry (as in DINOv2); None keeps the state dict unchanged.
+        self.reg_token = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.pos_embed_grid[0] * self.pos_embed_grid[1], embed_dim))
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rate, norm_eps) for rate in rates)
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rate, norm_eps, layer_scale_init) for rate in rates
+        )
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
         self.apply(_init_weights)
 
     def token_grid(self, height: int, width: int) -> tuple[int, int]:
@@ -187,7 +225,11 @@ class EquiFlexEncoder(nn.Module):
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         tokens = self.patch_embed(x)
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
-        return torch.cat([cls, tokens], dim=1) + self.interpolated_pos_embed(grid)
+        tokens = torch.cat([cls, tokens], dim=1) + self.interpolated_pos_embed(grid)
+        if self.reg_token is None:
+            return tokens
+        registers = self.reg_token.expand(tokens.shape[0], -1, -1)
+        return torch.cat([tokens[:, :1], registers, tokens[:, 1:]], dim=1)
 
     def lift_and_pool(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Steps 1 and 2: the lifted blocks on all ``g(x)`` in one batch, then ``pool_g g^-1``."""
@@ -197,16 +239,17 @@ class EquiFlexEncoder(nn.Module):
         for block in self.blocks[: self.n_lifted_blocks]:
             tokens = block(tokens)
         per_element = tokens.split(batch, dim=0)
+        prefix = self.num_prefix_tokens
         aligned = []
         for g, t in zip(self.elements, per_element):
             g_grid = g.maps_grid(grid)
-            patches = g.inverse().apply_to_tokens(t[:, 1:], g_grid)
-            aligned.append(torch.cat([t[:, :1], patches], dim=1))
+            patches = g.inverse().apply_to_tokens(t[:, prefix:], g_grid)
+            aligned.append(torch.cat([t[:, :prefix], patches], dim=1))
         stacked = torch.stack(aligned, dim=0)
         return stacked.amax(dim=0) if self.group_pooling == "max" else stacked.mean(dim=0)
 
     def forward_local(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Step 3: the local-attention blocks on pooled tokens ``(B, 1 + h*w, D)``."""
+        """Step 3: the local-attention blocks on pooled tokens ``(B, prefix + h*w, D)``."""
         for block in self.blocks[self.n_lifted_blocks :]:
             tokens = block(
                 tokens,
@@ -214,14 +257,17 @@ class EquiFlexEncoder(nn.Module):
                 window_radius=self.window_radius,
                 dilation=self.window_dilation,
                 backend=self.attention_backend,
+                num_prefix_tokens=self.num_prefix_tokens,
             )
         return tokens
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Return normalised tokens ``(B, 1 + h*w, D)`` (CLS first) and the token grid ``(h, w)``."""
         grid = self.token_grid(x.shape[-2], x.shape[-1])
-        tokens = self.forward_local(self.lift_and_pool(x, grid), grid)
-        return self.norm(tokens), grid
+        tokens = self.norm(self.forward_local(self.lift_and_pool(x, grid), grid))
+        if self.num_register_tokens:
+            tokens = torch.cat([tokens[:, :1], tokens[:, self.num_prefix_tokens :]], dim=1)
+        return tokens, grid
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -29,6 +29,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         norm_eps=1e-6,
         n_lifted_blocks=4,
         window_radius=2,
+        group="d2",
+        group_pooling="max",
         pos_embed_grid=(28, 28),
     ),
     # Trains in seconds on a CPU; for tests, demos and CPU smoke runs.
@@ -42,6 +44,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         norm_eps=1e-6,
         n_lifted_blocks=1,
         window_radius=2,
+        group="d2",
+        group_pooling="max",
         pos_embed_grid=(8, 8),
         refine=True,
         refine_dim=16,
@@ -67,6 +71,8 @@ class EquiFlexFormer(nn.Module):
         pos_embed_grid: native token grid of the learned position embedding (interpolated as needed).
         refine: add the equivariant full-resolution refinement after upsampling.
         refine_dim: channels of that refinement.
+        num_register_tokens: extra prefix tokens after CLS without position embedding (DINOv2 with registers).
+        layer_scale_init: initial LayerScale value per residual branch (DINOv2); None disables LayerScale.
     """
 
     def __init__(
@@ -90,6 +96,8 @@ class EquiFlexFormer(nn.Module):
         pos_embed_grid: tuple[int, int] | list[int] = (28, 28),
         refine: bool = False,
         refine_dim: int = 32,
+        num_register_tokens: int = 0,
+        layer_scale_init: float | None = None,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -112,6 +120,8 @@ class EquiFlexFormer(nn.Module):
             drop_path_rate=drop_path_rate,
             attention_backend=attention_backend,
             pos_embed_grid=tuple(pos_embed_grid),
+            num_register_tokens=num_register_tokens,
+            layer_scale_init=layer_scale_init,
         )
         self.decoder = LightDecoder(
             embed_dim, num_classes, patch_size, in_channels, refine=refine, refine_dim=refine_dim, group=group
