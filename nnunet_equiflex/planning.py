@@ -1,0 +1,98 @@
+"""Translating between nnU-Net plans and EquiFlexFormer kwargs; the ViT memory model.
+
+Nothing here imports nnunetv2: trainers and planners pass plain dicts and tuples in.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from nnunet_equiflex.groups import group_elements
+from nnunet_equiflex.network import preset_kwargs
+
+NETWORK_CLASS_NAME = "nnunet_equiflex.network.EquiFlexFormer"
+
+
+def describes_equiflex(architecture: dict[str, Any] | None) -> bool:
+    return bool(architecture) and architecture.get("network_class_name") == NETWORK_CLASS_NAME
+
+
+def network_kwargs(
+    architecture: dict[str, Any] | None,
+    default_preset: str,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Network kwargs (without channels/classes) for a configuration.
+
+    Taken from the plans' architecture block when it names our network, else from
+    ``default_preset``; then ``overrides`` (what a trainer variant is about) win.
+    """
+    if describes_equiflex(architecture):
+        kwargs = dict(architecture["arch_kwargs"])
+        kwargs.pop("in_channels", None)
+        kwargs.pop("num_classes", None)
+    else:
+        kwargs = preset_kwargs(default_preset)
+    kwargs.update(overrides or {})
+    return kwargs
+
+
+def fit_patch_size(patch_size: tuple[int, ...] | list[int], token_size: int) -> tuple[int, ...]:
+    """Round each axis up to a multiple of the token size (nnU-Net pads smaller images)."""
+    return tuple(int(math.ceil(s / token_size) * token_size) for s in patch_size)
+
+
+def check_2d(configuration_name: str, patch_size: tuple[int, ...] | list[int]) -> None:
+    if len(patch_size) != 2:
+        raise ValueError(
+            f"EquiFlex trainers support 2D configurations only; configuration '{configuration_name}' has a "
+            f"{len(patch_size)}D patch size {tuple(patch_size)}. Train with '-c 2d' (nnU-Net's 2d configuration "
+            "slices 3D volumes itself). 3D support is a later step."
+        )
+
+
+def estimate_training_vram_gb(
+    patch_size: tuple[int, int], batch_size: int, in_channels: int, num_classes: int, kwargs: dict[str, Any]
+) -> float:
+    """Rough peak GPU memory of one training step under mixed precision, in GB.
+
+    Activations kept for backward dominate: about ``34 * tokens * embed_dim`` bytes per
+    block and sample in 16-bit (LayerNorms, qkv, attention output, the 4x MLP), with the
+    lifted blocks counted once per group element; local attention adds no ``tokens**2``
+    term (FlexAttention and memory-efficient SDPA do not store the score matrix). The
+    full-resolution head stores a few maps per class and refinement channel. Parameters,
+    gradients and AdamW state take 16 bytes per parameter; 1.5 GB covers the CUDA context
+    and allocator slack.
+    """
+    p, d, depth = kwargs["patch_size"], kwargs["embed_dim"], kwargs["depth"]
+    n_lifted = kwargs.get("n_lifted_blocks", 0)
+    copies = len(group_elements(kwargs.get("group", "d2")))
+    tokens = (patch_size[0] // p) * (patch_size[1] // p) + 1
+    block_evals = n_lifted * copies + (depth - n_lifted)
+    per_sample = 34 * tokens * d * block_evals
+    pixels = patch_size[0] * patch_size[1]
+    head_channels = num_classes + (2 * kwargs.get("refine_dim", 32) if kwargs.get("refine") else 0)
+    per_sample += 4 * pixels * (head_channels + in_channels) * 3
+    mlp_ratio = kwargs.get("mlp_ratio", 4.0)
+    params = depth * (4 + 2 * mlp_ratio) * d * d + in_channels * p * p * d
+    return (batch_size * per_sample + 16 * params) / 1e9 + 1.5
+
+
+def batch_size_for_memory(
+    patch_size: tuple[int, int],
+    in_channels: int,
+    num_classes: int,
+    kwargs: dict[str, Any],
+    vram_target_gb: float,
+    max_batch_size: int,
+    min_batch_size: int = 2,
+) -> int:
+    """Largest batch that fits ``vram_target_gb`` by the model above, clipped to [min, max]."""
+    batch = min_batch_size
+    while (
+        batch < max_batch_size
+        and estimate_training_vram_gb(patch_size, batch + 1, in_channels, num_classes, kwargs) <= vram_target_gb
+    ):
+        batch += 1
+    return max(min_batch_size, min(batch, max_batch_size))

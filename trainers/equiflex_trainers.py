@@ -1,0 +1,216 @@
+"""nnU-Net trainers for EquiFlexFormer.
+
+nnU-Net finds these through ``nnUNet_extTrainer`` (``nnunet-equiflex env`` prints the export
+line) or through the shim that ``nnunet-equiflex install-trainers`` places in nnunetv2's
+trainer folder. Variants are tiny subclasses that change one thing, as in nnU-Net.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import nn
+
+from nnunet_equiflex.network import EquiFlexFormer, preset_kwargs
+from nnunet_equiflex.optim import vit_param_groups
+from nnunet_equiflex.planning import check_2d, describes_equiflex, fit_patch_size, network_kwargs
+from nnunet_equiflex.schedules import WarmupPolyLRScheduler
+
+__all__ = [
+    "EquiFlexTrainer",
+    "EquiFlexTrainer_5epochs",
+    "EquiFlexTrainer_50epochs",
+    "EquiFlexTrainer_100epochs",
+    "EquiFlexTrainer_250epochs",
+    "EquiFlexTrainer_500epochs",
+    "FlexTrainer",
+    "EquiFlexTrainerTiny",
+    "EquiFlexTrainerTiny_smoke",
+    "FlexTrainerTiny_smoke",
+]
+
+
+def _configured_kwargs(trainer_cls: type, configuration_manager: ConfigurationManager) -> dict[str, Any]:
+    architecture = configuration_manager.configuration.get("architecture")
+    overrides = dict(trainer_cls.network_overrides)
+    if not describes_equiflex(architecture):
+        overrides = {**trainer_cls.network_defaults, **overrides}
+    return network_kwargs(architecture, trainer_cls.network_preset, overrides)
+
+
+def _make_builder(trainer_cls: type) -> staticmethod:
+    """nnU-Net's predictor calls ``build_network_architecture`` on the class, unbound; a
+    staticmethod per class keeps that signature while each variant keeps its own network."""
+
+    def build_network_architecture(
+        plans_manager: PlansManager,
+        configuration_manager: ConfigurationManager,
+        num_input_channels: int,
+        num_output_channels: int,
+        enable_deep_supervision: bool = True,
+    ) -> nn.Module:
+        kwargs = _configured_kwargs(trainer_cls, configuration_manager)
+        return EquiFlexFormer(in_channels=num_input_channels, num_classes=num_output_channels, **kwargs)
+
+    return staticmethod(build_network_architecture)
+
+
+class EquiFlexTrainer(nnUNetTrainer):
+    """EquiFlexFormer (ViT-S/8 shape, D2 lifting, local FlexAttention) with a ViT recipe:
+    AdamW, linear warmup then poly decay, gradient clipping at 1, drop path, no deep
+    supervision, mixed precision on CUDA (bf16 where supported).
+
+    Test-time mirroring is off by default: the network is exactly mirror-equivariant,
+    ``f(flip(x)) = flip(f(x))``, so nnU-Net's 4 mirrored passes per tile would average 4 copies
+    of the same prediction. One pass per tile gives the same result at a quarter of the cost.
+    Mirroring augmentation in training is off for the same reason: DC and CE losses of a
+    mirrored sample equal those of the original for an equivariant network.
+    """
+
+    network_preset = "vit_s8"
+    network_defaults: dict[str, Any] = {"drop_path_rate": 0.1}  # used when the plans do not name our network
+    network_overrides: dict[str, Any] = {}  # what a variant is about; wins over the plans
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.build_network_architecture = _make_builder(cls)
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
+        # Fail before nnU-Net creates folders and logs for a run that cannot work.
+        check_2d(configuration, PlansManager(plans).get_configuration(configuration).patch_size)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 3e-4
+        self.weight_decay = 5e-2
+        self.layer_decay: float | None = None
+        self.warmup_epochs = 50
+        self.grad_clip = 1.0
+        self.enable_deep_supervision = False
+        self.use_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        if self.use_bf16:
+            self.grad_scaler = None  # bf16 has fp32's exponent range: no loss scaling needed
+        self._fit_patch_size_to_tokens(configuration)
+
+    @property
+    def is_equivariant(self) -> bool:
+        return _configured_kwargs(type(self), self.configuration_manager).get("group", "d2") != "none"
+
+    def _fit_patch_size_to_tokens(self, configuration: str) -> None:
+        token = _configured_kwargs(type(self), self.configuration_manager)["patch_size"]
+        patch = tuple(self.configuration_manager.patch_size)
+        fitted = fit_patch_size(patch, token)
+        if fitted == patch:
+            return
+        self.print_to_log_file(
+            f"Note: patch size {patch} is not a multiple of the token size {token}; training and inference use "
+            f"{fitted} instead (nnU-Net pads smaller images). Plan with 'nnunet-equiflex plan' to avoid this note."
+        )
+        self.plans_manager.plans["configurations"][configuration]["patch_size"] = list(fitted)
+        self.plans_manager.get_configuration.cache_clear()
+        self.configuration_manager = self.plans_manager.get_configuration(configuration)
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, initial_patch_size, mirror_axes = (
+            super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        )
+        if self.is_equivariant:
+            self.inference_allowed_mirroring_axes = None
+            mirror_axes = None
+        return rotation, dummy_2d, initial_patch_size, mirror_axes
+
+    def configure_optimizers(self):
+        depth = len(self.network.encoder.blocks) if self.layer_decay is not None else None
+        groups = vit_param_groups(self.network, self.weight_decay, self.layer_decay, depth)
+        optimizer = torch.optim.AdamW(groups, lr=self.initial_lr, betas=(0.9, 0.999), fused=self.device.type == "cuda")
+        warmup = min(self.warmup_epochs, self.num_epochs // 10)
+        return optimizer, WarmupPolyLRScheduler(optimizer, self.num_epochs, warmup)
+
+    def set_deep_supervision_enabled(self, enabled: bool) -> None:
+        """The network has a single output; there is nothing to switch."""
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = target[0] if isinstance(target, list) else target
+        target = target.to(self.device, non_blocking=True)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16 if self.use_bf16 else torch.float16)
+        else:
+            autocast = dummy_context()  # CPU autocast is slow; train in fp32
+        with autocast:
+            loss = self.loss(self.network(data), target)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
+            self.optimizer.step()
+        return {"loss": loss.detach().cpu().numpy()}
+
+
+EquiFlexTrainer.build_network_architecture = _make_builder(EquiFlexTrainer)
+
+
+def _epochs_variant(base: type, epochs: int) -> type:
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        base.__init__(self, plans, configuration, fold, dataset_json, device)
+        self.num_epochs = epochs
+
+    return type(f"{base.__name__}_{epochs}epochs", (base,), {"__init__": __init__, "__module__": __name__})
+
+
+EquiFlexTrainer_5epochs = _epochs_variant(EquiFlexTrainer, 5)
+EquiFlexTrainer_50epochs = _epochs_variant(EquiFlexTrainer, 50)
+EquiFlexTrainer_100epochs = _epochs_variant(EquiFlexTrainer, 100)
+EquiFlexTrainer_250epochs = _epochs_variant(EquiFlexTrainer, 250)
+EquiFlexTrainer_500epochs = _epochs_variant(EquiFlexTrainer, 500)
+
+
+class FlexTrainer(EquiFlexTrainer):
+    """The same ViT without the lifting (group "none"): the non-equivariant ablation. It is not
+    mirror-consistent, so it keeps nnU-Net's mirroring augmentation and test-time mirroring."""
+
+    network_overrides = {"group": "none"}
+
+
+class EquiFlexTrainerTiny(EquiFlexTrainer):
+    """The tiny preset (64-dim, 4 blocks, token size 4): CPU runs, demos and tests."""
+
+    network_preset = "tiny"
+    network_overrides = preset_kwargs("tiny")  # the whole shape, also over plans that name vit_s8
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 2e-3
+        self.weight_decay = 1e-4
+
+
+class EquiFlexTrainerTiny_smoke(EquiFlexTrainerTiny):
+    """A bounded CPU run (4 epochs x 25 iterations) for smoke tests and CI."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 4
+        self.num_iterations_per_epoch = 25
+        self.num_val_iterations_per_epoch = 5
+        self.warmup_epochs = 0
+
+
+class FlexTrainerTiny_smoke(EquiFlexTrainerTiny_smoke):
+    network_overrides = {**EquiFlexTrainerTiny.network_overrides, "group": "none"}
