@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
 
+    sub.add_parser(
+        "predict",
+        help="nnUNetv2_predict with a mirror-symmetric sliding window (same flags; see --help)",
+        add_help=False,
+    )
     sub.add_parser("env", help="print the line that lets nnU-Net find the EquiFlex trainers").set_defaults(func=_env)
     sub.add_parser(
         "install-trainers",
@@ -91,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["predict"]:
+        # nnUNetv2_predict's own argument parser, so every flag works exactly as there.
+        from nnunet_equiflex.predictor import predict_entry_point
+
+        sys.argv = ["nnunet-equiflex predict", *argv[1:]]
+        predict_entry_point()
+        return 0
     args = build_parser().parse_args(argv)
     return args.func(args)
 

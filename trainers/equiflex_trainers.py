@@ -7,6 +7,8 @@ trainer folder. Variants are tiny subclasses that change one thing, as in nnU-Ne
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +33,10 @@ __all__ = [
     "EquiFlexTrainerTiny",
     "EquiFlexTrainerTiny_smoke",
     "FlexTrainerTiny_smoke",
+    "EquiFlexTrainerPretrained",
+    "EquiFlexTrainerPretrainedTiny_smoke",
+    "PRETRAINED_ENV",
+    "pretrained_checkpoint_from_env",
 ]
 
 
@@ -214,3 +220,112 @@ class EquiFlexTrainerTiny_smoke(EquiFlexTrainerTiny):
 
 class FlexTrainerTiny_smoke(EquiFlexTrainerTiny_smoke):
     network_overrides = {**EquiFlexTrainerTiny.network_overrides, "group": "none"}
+
+
+PRETRAINED_ENV = "EQUIFLEX_PRETRAINED"
+
+
+def pretrained_checkpoint_from_env() -> Path:
+    """The checkpoint named by ``EQUIFLEX_PRETRAINED``: a file path, or a name known to
+    ``find_cached_checkpoint`` (``dino_vits8``, an HF repo id, a torch hub file name) found in the
+    local torch hub / HF caches. Never downloads."""
+    from nnunet_equiflex.pretrained import KNOWN_CHECKPOINTS, find_cached_checkpoint, hf_hub_cache_dir
+
+    names = ", ".join(KNOWN_CHECKPOINTS)
+    value = os.environ.get(PRETRAINED_ENV, "").strip()
+    if not value:
+        raise RuntimeError(
+            f"{PRETRAINED_ENV} is not set. The pretrained trainers load their encoder weights from the "
+            f"checkpoint it names, e.g.\n    export {PRETRAINED_ENV}=/path/to/dino_deitsmall8_pretrain.pth\n"
+            f"or a checkpoint already in the local torch hub / HF caches ({names}):\n"
+            f"    export {PRETRAINED_ENV}=dino_vits8\n"
+            "To train from scratch use EquiFlexTrainer; to start from an nnU-Net checkpoint of ours, pass "
+            "-pretrained_weights FILE to nnUNetv2_train."
+        )
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path
+    weight_file_name = os.sep not in value and path.suffix in (".pth", ".pt", ".bin", ".safetensors")
+    repo_id = value.count("/") == 1 and not value.startswith((".", "/", "~")) and not path.suffix
+    if value in KNOWN_CHECKPOINTS or weight_file_name or repo_id:
+        cached = find_cached_checkpoint(value)
+        if cached is not None:
+            return cached
+        known = KNOWN_CHECKPOINTS.get(value)
+        how = f"`huggingface-cli download {known.hf_repos[0]}` or {known.hub_entry}" if known else "its hub client"
+        raise FileNotFoundError(
+            f"{PRETRAINED_ENV}={value}: not a file, and not in the local caches "
+            f"({Path(torch.hub.get_dir()) / 'checkpoints'}, {hf_hub_cache_dir()}). Download it once where there is "
+            f"internet ({how}) or set {PRETRAINED_ENV} to the file's path."
+        )
+    raise FileNotFoundError(f"{PRETRAINED_ENV}={value}: no such file; set it to a checkpoint file or one of {names}")
+
+
+def _unwrap_network(network: nn.Module) -> nn.Module:
+    """The EquiFlexFormer inside DDP and torch.compile wrappers."""
+    from torch._dynamo import OptimizedModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(network, DistributedDataParallel):
+        network = network.module
+    if isinstance(network, OptimizedModule):
+        network = network._orig_mod
+    return network
+
+
+class EquiFlexTrainerPretrained(EquiFlexTrainer):
+    """EquiFlexTrainer fine-tuned from pretrained ViT encoder weights (ViT-S/8 shape: DINO ViT-S/8).
+
+    The encoder is loaded in ``initialize()`` from ``EQUIFLEX_PRETRAINED``: a checkpoint file (DINO /
+    torch.hub, timm, HF transformers, DINOv2 layouts) or a known name such as ``dino_vits8`` looked up
+    in the local torch hub and HF caches (nothing is downloaded)::
+
+        export EQUIFLEX_PRETRAINED=/path/to/dino_deitsmall8_pretrain.pth   # or: dino_vits8
+        nnUNetv2_train DATASET 2d FOLD -tr EquiFlexTrainerPretrained -p EquiFlexPlans
+
+    The decoder stays at its initialisation. Fine-tuning recipe: AdamW at lr 1e-4, layer-wise lr decay
+    0.75, the base warmup and drop path.
+
+    nnU-Net's own ``-pretrained_weights FILE`` reads nnU-Net checkpoints only (their
+    ``network_weights``): use it for checkpoints of our own trainers (e.g. another run's
+    ``checkpoint_final.pth``); foreign ViT files (DINO ...) go through ``EQUIFLEX_PRETRAINED``. When both
+    are given, nnU-Net loads its file after ours, so it wins.
+
+    Resuming (``--c``), validation only (``--val``) and prediction do not need the variable: a
+    restored checkpoint replaces the weights, and the predictor only calls
+    ``build_network_architecture``.
+    """
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 1e-4
+        self.layer_decay = 0.75
+        self.pretrained_report = None
+        self._restoring_checkpoint = False
+
+    def initialize(self):
+        if self.was_initialized:
+            return super().initialize()
+        # Resolve before building anything: a fresh run without weights fails at once.
+        checkpoint = None if self._restoring_checkpoint else pretrained_checkpoint_from_env()
+        super().initialize()
+        if checkpoint is None:
+            return
+        from nnunet_equiflex.pretrained import load_pretrained_encoder
+
+        # The optimizer holds these same Parameter objects, so loading in place after it exists is fine.
+        self.pretrained_report = load_pretrained_encoder(_unwrap_network(self.network), checkpoint)
+        self.print_to_log_file(f"{PRETRAINED_ENV}={os.environ.get(PRETRAINED_ENV)}\n{self.pretrained_report}")
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        # --c, --val and val_with_best: the checkpoint's weights replace any pretrained ones.
+        self._restoring_checkpoint = True
+        try:
+            super().load_checkpoint(filename_or_checkpoint)
+        finally:
+            self._restoring_checkpoint = False
+
+
+class EquiFlexTrainerPretrainedTiny_smoke(EquiFlexTrainerPretrained, EquiFlexTrainerTiny_smoke):
+    """The tiny shape (token size 4, 64-dim, 4 blocks, 4 heads, mlp ratio 2, position grid 8x8) with
+    the pretrained path and the bounded smoke schedule: tests and CPU runs with small checkpoints."""

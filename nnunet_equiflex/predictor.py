@@ -1,0 +1,115 @@
+"""A mirror-symmetric sliding window for nnU-Net: exact mirror consistency for every image size.
+
+nnU-Net's predictor is not mirror-symmetric even around an equivariant network, for four
+reasons of its pipeline: an odd padding difference is split unevenly (``diff // 2`` before);
+tile starts are rounded (``round(step * i)``); the Gaussian importance map is centred on pixel
+``size // 2``, half a pixel off-centre for even tile sizes; and overlapping tiles are summed in
+float16 in tile order, which mirroring reverses. ``EquiFlexPredictor`` changes exactly these:
+
+- pads so that every axis gets the same amount before and after (one extra row/column of
+  padding when the difference is odd; the padding is cropped off again);
+- places tiles so that ``start_i + start_{n-1-i} = size - tile`` (adding one tile where an odd
+  count would put the middle tile on a half pixel);
+- uses a Gaussian centred at ``(size - 1) / 2``;
+- accumulates in float32.
+
+Everything else (preprocessing, export, multiprocessing, folds, TTA) is nnU-Net's own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+
+def symmetric_steps(image_size: int, tile_size: int, tile_step_size: float) -> list[int]:
+    """Tile starts along one axis with ``start_i + start_{n-1-i} == image_size - tile_size``."""
+    span = image_size - tile_size
+    if span <= 0:
+        return [0]
+    n = math.ceil(span / (tile_step_size * tile_size)) + 1
+    if n % 2 == 1 and span % 2 == 1:
+        n += 1  # an odd count would centre a tile on a half pixel
+    step = span / (n - 1)
+    first_half = [math.floor(step * i) for i in range(n // 2)]
+    middle = [span // 2] if n % 2 else []
+    return first_half + middle + [span - s for s in reversed(first_half)]
+
+
+def symmetric_gaussian(
+    tile_size: tuple[int, ...], sigma_scale: float = 1.0 / 8, value_scaling_factor: float = 10, device=None
+) -> torch.Tensor:
+    """nnU-Net's importance map, but centred between pixels on even sizes."""
+    axes = []
+    for size in tile_size:
+        coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+        axes.append(torch.exp(-(coords**2) / (2 * (size * sigma_scale) ** 2)))
+    gaussian = axes[0]
+    for axis in axes[1:]:
+        gaussian = gaussian[..., None] * axis
+    gaussian = gaussian / gaussian.max() * value_scaling_factor
+    return gaussian.float().clamp_min(gaussian[gaussian > 0].min().item()).to(device)
+
+
+class EquiFlexPredictor(nnUNetPredictor):
+    """nnUNetPredictor with a mirror-symmetric sliding window (see the module docstring)."""
+
+    def predict_sliding_window_return_logits(self, input_image: torch.Tensor) -> torch.Tensor:
+        spatial = input_image.shape[1:]
+        patch = tuple(self.configuration_manager.patch_size)
+        spatial_patch = spatial[-len(patch) :]
+        pads = []
+        for size, tile in zip(spatial_patch, patch):
+            target = max(size, tile)
+            target += (target - size) % 2
+            pads.append(((target - size) // 2, (target - size) // 2))
+        if any(before for before, _ in pads):
+            flat = [p for before_after in reversed(pads) for p in before_after]  # F.pad wants last axis first
+            padded = torch.nn.functional.pad(input_image, flat, mode="constant", value=0)
+        else:
+            padded = input_image
+        logits = super().predict_sliding_window_return_logits(padded)
+        crop = [slice(None)] * (logits.ndim - len(patch))
+        crop += [slice(before, before + size) for (before, _), size in zip(pads, spatial_patch)]
+        return logits[tuple(crop)]
+
+    def _internal_get_sliding_window_slicers(self, image_size: tuple[int, ...]):
+        patch = tuple(self.configuration_manager.patch_size)
+        leading = image_size[: len(image_size) - len(patch)]  # 2D patches on 3D arrays: one slice at a time
+        steps = [symmetric_steps(s, t, self.tile_step_size) for s, t in zip(image_size[len(leading) :], patch)]
+        slicers = []
+        for lead in itertools.product(*[range(n) for n in leading]):
+            for starts in itertools.product(*steps):
+                tiles = [slice(s, s + t) for s, t in zip(starts, patch)]
+                slicers.append((slice(None), *lead, *tiles))
+        return slicers
+
+    def _internal_predict_sliding_window_return_logits(self, data, slicers, do_on_device: bool = True):
+        results_device = self.device if do_on_device else torch.device("cpu")
+        data = data.to(results_device)
+        patch = tuple(self.configuration_manager.patch_size)
+        logits = torch.zeros(
+            (self.label_manager.num_segmentation_heads, *data.shape[1:]), dtype=torch.float32, device=results_device
+        )
+        weights = torch.zeros(data.shape[1:], dtype=torch.float32, device=results_device)
+        if self.use_gaussian:
+            gaussian = symmetric_gaussian(patch, device=results_device)
+        else:
+            gaussian = torch.ones(patch, device=results_device)
+        for sl in slicers:
+            tile = data[sl][None].to(self.device)
+            prediction = self._internal_maybe_mirror_and_predict(tile)[0].to(results_device, torch.float32)
+            logits[sl] += prediction.reshape(logits[sl].shape) * gaussian.reshape(weights[sl[1:]].shape)
+            weights[sl[1:]] += gaussian.reshape(weights[sl[1:]].shape)
+        return logits / weights
+
+
+def predict_entry_point() -> None:
+    """``nnunet-equiflex predict``: nnUNetv2_predict's exact command line, with EquiFlexPredictor."""
+    import nnunetv2.inference.predict_from_raw_data as nnunet_predict
+
+    nnunet_predict.nnUNetPredictor = EquiFlexPredictor  # this process only; the entry point reads the name
+    nnunet_predict.predict_entry_point()
