@@ -13,6 +13,13 @@ Forward pass for ``x`` of shape ``(B, C, H, W)``:
 3. The remaining blocks use local attention over a symmetric ``(2r+1) x (2r+1)`` window plus
    CLS and add no position information, so they commute with every element of ``G``.
 
+Options from the neighbouring equivariant ViTs (none changes the argument above):
+``patch_embed="gmr"`` replaces the linear ``p x p`` projection by Gaussian-Mixture-Ring
+convolutions (Equi-ViT; radially symmetric kernels, see ``gmr.py``), which commute with D4 on
+their own; ``alternate_dilation`` makes every second local block dense and the others dilated
+by ``window_dilation`` (all windows symmetric); ``group="d4"`` adds the 90-degree rotations
+(square inputs only).
+
 Optional register tokens (DINOv2 with registers) are extra prefix tokens after CLS, without a
 position embedding entry: like CLS they are pooled over ``G`` after the lifting and see and are
 seen by every token in the local blocks, so the argument above is unchanged. They are dropped
@@ -29,9 +36,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nnunet_equiflex.attention import local_window_attention
+from nnunet_equiflex.gmr import GMRPatchEmbed
 from nnunet_equiflex.groups import check_grid_supported, group_elements
 
 POOLINGS = ("max", "mean")
+PATCH_EMBEDS = ("linear", "gmr")
 
 
 class PatchEmbed(nn.Module):
@@ -164,8 +173,21 @@ class EquiFlexEncoder(nn.Module):
         pos_embed_grid: tuple[int, int] = (28, 28),
         num_register_tokens: int = 0,
         layer_scale_init: float | None = None,
+        patch_embed: str = "linear",
+        gmr_kernel_sizes: tuple[int, ...] | list[int] = (6, 11),
+        gmr_rings: int | None = None,
+        gmr_hidden_dim: int = 32,
+        gmr_strides: tuple[int, ...] | list[int] | None = None,
+        alternate_dilation: bool = False,
     ) -> None:
         super().__init__()
+        if patch_embed not in PATCH_EMBEDS:
+            raise ValueError(f"unknown patch_embed {patch_embed!r}; choose one of {', '.join(PATCH_EMBEDS)}")
+        if alternate_dilation and window_dilation < 2:
+            raise ValueError(
+                "alternate_dilation=True alternates dense and dilated local blocks, so it needs window_dilation >= 2 "
+                f"(got {window_dilation})"
+            )
         if num_register_tokens < 0:
             raise ValueError(f"num_register_tokens must be >= 0, got {num_register_tokens}")
         if not 0 <= n_lifted_blocks <= depth:
@@ -177,6 +199,7 @@ class EquiFlexEncoder(nn.Module):
         self.n_lifted_blocks = n_lifted_blocks
         self.window_radius = window_radius
         self.window_dilation = window_dilation
+        self.alternate_dilation = alternate_dilation
         self.group = group
         self.group_pooling = group_pooling
         self.attention_backend = attention_backend
@@ -185,7 +208,12 @@ class EquiFlexEncoder(nn.Module):
         self.num_register_tokens = num_register_tokens
         self.num_prefix_tokens = 1 + num_register_tokens  # CLS, then the registers
 
-        self.patch_embed = PatchEmbed(in_channels, embed_dim, patch_size)
+        if patch_embed == "gmr":
+            self.patch_embed = GMRPatchEmbed(
+                in_channels, embed_dim, patch_size, gmr_kernel_sizes, gmr_rings, gmr_hidden_dim, gmr_strides
+            )
+        else:
+            self.patch_embed = PatchEmbed(in_channels, embed_dim, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # Registers have no position embedding entry (as in DINOv2); None keeps the state dict unchanged.
         self.reg_token = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
@@ -223,7 +251,10 @@ class EquiFlexEncoder(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
-        tokens = self.patch_embed(x)
+        return self.add_prefix_and_position(self.patch_embed(x), grid)
+
+    def add_prefix_and_position(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Patch tokens ``(B, h*w, D)`` -> CLS, registers and patches with position embedding."""
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         tokens = torch.cat([cls, tokens], dim=1) + self.interpolated_pos_embed(grid)
         if self.reg_token is None:
@@ -235,7 +266,13 @@ class EquiFlexEncoder(nn.Module):
         """Steps 1 and 2: the lifted blocks on all ``g(x)`` in one batch, then ``pool_g g^-1``."""
         batch = x.shape[0]
         # All copies have x's shape (D4 is only allowed on squares), so they share one pass.
-        tokens = self.embed(torch.cat([g.apply(x) for g in self.elements], dim=0))
+        if isinstance(self.patch_embed, GMRPatchEmbed):
+            # GMR commutes with D4: P(g x) = g P(x), so embed once and move the tokens (|G| times cheaper).
+            patches = self.patch_embed(x)
+            moved = torch.cat([g.apply_to_tokens(patches, grid) for g in self.elements], dim=0)
+            tokens = self.add_prefix_and_position(moved, grid)
+        else:
+            tokens = self.embed(torch.cat([g.apply(x) for g in self.elements], dim=0))
         for block in self.blocks[: self.n_lifted_blocks]:
             tokens = block(tokens)
         per_element = tokens.split(batch, dim=0)
@@ -248,14 +285,21 @@ class EquiFlexEncoder(nn.Module):
         stacked = torch.stack(aligned, dim=0)
         return stacked.amax(dim=0) if self.group_pooling == "max" else stacked.mean(dim=0)
 
+    def local_dilations(self) -> list[int]:
+        """Window dilation of each local block: all ``window_dilation``, or dense/dilated alternating."""
+        n_local = len(self.blocks) - self.n_lifted_blocks
+        if not self.alternate_dilation:
+            return [self.window_dilation] * n_local
+        return [self.window_dilation if i % 2 else 1 for i in range(n_local)]
+
     def forward_local(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Step 3: the local-attention blocks on pooled tokens ``(B, prefix + h*w, D)``."""
-        for block in self.blocks[self.n_lifted_blocks :]:
+        for block, dilation in zip(self.blocks[self.n_lifted_blocks :], self.local_dilations()):
             tokens = block(
                 tokens,
                 grid=grid,
                 window_radius=self.window_radius,
-                dilation=self.window_dilation,
+                dilation=dilation,
                 backend=self.attention_backend,
                 num_prefix_tokens=self.num_prefix_tokens,
             )

@@ -73,6 +73,14 @@ class EquiFlexFormer(nn.Module):
         refine_dim: channels of that refinement.
         num_register_tokens: extra prefix tokens after CLS without position embedding (DINOv2 with registers).
         layer_scale_init: initial LayerScale value per residual branch (DINOv2); None disables LayerScale.
+        patch_embed: "linear" (p x p projection, timm's) or "gmr" (Gaussian-Mixture-Ring convolutions,
+            Equi-ViT: radially symmetric kernels, so the embedding commutes with flips and 90-degree
+            rotations on its own; the lifting still provides the exact equivariance for ``group``).
+        gmr_kernel_sizes: kernel size of each GMR layer (Equi-ViT's best: [6, 11]).
+        gmr_rings: Gaussian rings per GMR kernel; None = kernel_size // 2 + 1 per layer.
+        gmr_hidden_dim: channels between the GMR layers.
+        gmr_strides: stride of each GMR layer, multiplying to patch_size; None = 1, ..., 1, patch_size.
+        alternate_dilation: local blocks alternate dense (even) and ``window_dilation``-dilated (odd) windows.
     """
 
     def __init__(
@@ -98,6 +106,12 @@ class EquiFlexFormer(nn.Module):
         refine_dim: int = 32,
         num_register_tokens: int = 0,
         layer_scale_init: float | None = None,
+        patch_embed: str = "linear",
+        gmr_kernel_sizes: tuple[int, ...] | list[int] = (6, 11),
+        gmr_rings: int | None = None,
+        gmr_hidden_dim: int = 32,
+        gmr_strides: tuple[int, ...] | list[int] | None = None,
+        alternate_dilation: bool = False,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -122,6 +136,12 @@ class EquiFlexFormer(nn.Module):
             pos_embed_grid=tuple(pos_embed_grid),
             num_register_tokens=num_register_tokens,
             layer_scale_init=layer_scale_init,
+            patch_embed=patch_embed,
+            gmr_kernel_sizes=tuple(gmr_kernel_sizes),
+            gmr_rings=gmr_rings,
+            gmr_hidden_dim=gmr_hidden_dim,
+            gmr_strides=None if gmr_strides is None else tuple(gmr_strides),
+            alternate_dilation=alternate_dilation,
         )
         self.decoder = LightDecoder(
             embed_dim, num_classes, patch_size, in_channels, refine=refine, refine_dim=refine_dim, group=group

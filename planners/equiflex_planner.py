@@ -5,7 +5,8 @@ nnU-Net's ``-pl`` only finds planners inside nnunetv2, so this one runs through
 about the data (spacing, normalisation, transpose, resampling), so the 2d configuration reuses
 nnU-Net's preprocessed ``nnUNetPlans_2d`` folder, and changes what is about the network:
 
-- patch size: nnU-Net's, rounded up to a multiple of the token size;
+- patch size: nnU-Net's, rounded up to a multiple of the token size; square, of about the
+  same area, when the network uses group ``d4`` (see ``square_patch_size``);
 - batch size: from a ViT memory model (tokens, embed dim, depth, lifted copies) for the GPU
   memory target, not from the CNN's; capped like nnU-Net's so a batch covers at most 5% of
   the dataset;
@@ -16,6 +17,7 @@ nnU-Net's preprocessed ``nnUNetPlans_2d`` folder, and changes what is about the 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -25,6 +27,17 @@ from nnunet_equiflex.network import preset_kwargs
 from nnunet_equiflex.planning import NETWORK_CLASS_NAME, batch_size_for_memory, fit_patch_size
 
 DEFAULT_PLANS_NAME = "EquiFlexPlans"
+
+
+def square_patch_size(patch_size: tuple[int, ...] | list[int], token_size: int) -> tuple[int, int]:
+    """A square 2D patch of about the same area, its side a multiple of ``token_size``.
+
+    D4 (90-degree rotations) maps only squares onto themselves. The same area keeps the token
+    count, so the cost per sample and the memory-based batch size stay about the same; taking
+    the longer side instead would multiply the cost of elongated patches.
+    """
+    side = max(token_size, round(math.sqrt(patch_size[0] * patch_size[1]) / token_size) * token_size)
+    return side, side
 
 
 class EquiFlexPlanner(ExperimentPlanner):
@@ -66,6 +79,8 @@ class EquiFlexPlanner(ExperimentPlanner):
         num_channels = len(self.dataset_json["channel_names"])
         num_classes = len(self.dataset_json["labels"])
         patch_size = fit_patch_size(plan["patch_size"], self.network_kwargs["patch_size"])
+        if self.network_kwargs.get("group") == "d4":
+            patch_size = square_patch_size(patch_size, self.network_kwargs["patch_size"])
         max_batch = round(
             approximate_n_voxels_dataset * self.max_dataset_covered / np.prod(patch_size, dtype=np.float64)
         )
