@@ -56,10 +56,45 @@ def _plan(args: argparse.Namespace) -> int:
         preset=args.preset,
         gpu_memory_target_in_gb=args.gpu_memory_gb,
         plans_name=args.plans_name,
+        network_overrides={"group": args.group} if args.group else None,
         overwrite=args.overwrite,
         preprocess=args.preprocess,
         num_processes=args.num_processes,
     )
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from nnunet_equiflex.compare import CompareError, compare, markdown_table
+
+    try:
+        rows = compare(
+            args.dataset,
+            args.results,
+            args.output,
+            folds=args.folds,
+            test_images=args.test_images,
+            test_labels=args.test_labels,
+            overwrite=args.overwrite,
+            device=args.device,
+            flip_check=not args.no_flip_check,
+        )
+    except CompareError as error:
+        print(f"nnunet-equiflex compare: error: {error}", file=sys.stderr)
+        return 2
+    classes = list(rows[0].dice_per_class) if rows else []
+    print(markdown_table(rows, classes))
+    return 0
+
+
+def _main_job(args: argparse.Namespace) -> int:
+    from nnunet_equiflex.main_job import MainJobError, run_main_job
+
+    try:
+        run_main_job(args.work_dir, quick=args.quick, overwrite=args.overwrite, device=args.device)
+    except MainJobError as error:
+        print(f"nnunet-equiflex main: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -86,12 +121,57 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="write EquiFlex plans for a dataset (nnU-Net's -pl cannot find our planner)")
     plan.add_argument("-d", "--dataset", required=True, help="dataset id or name, as for nnUNetv2_train")
     plan.add_argument("--preset", default="vit_s8", help="network preset (default vit_s8)")
+    plan.add_argument(
+        "--group",
+        choices=("none", "d2", "d4"),
+        default=None,
+        help="symmetry group of the planned network (d4 plans square patches; default: the preset's, d2)",
+    )
     plan.add_argument("--gpu-memory-gb", type=float, default=8, help="GPU memory target for the batch size")
     plan.add_argument("--plans-name", default="EquiFlexPlans", help="plans identifier (use with -p when training)")
     plan.add_argument("--overwrite", action="store_true", help="replace existing plans with different content")
     plan.add_argument("--preprocess", action="store_true", help="run nnU-Net's 2d preprocessing if it is missing")
     plan.add_argument("-np", "--num-processes", type=int, default=4)
     plan.set_defaults(func=_plan)
+
+    comp = sub.add_parser(
+        "compare",
+        help="compare trained results (EquiFlex vs nnU-Net's CNN with and without TTA): Dice, time, FLOPs, "
+        "flip consistency; writes a Markdown table, CSV and PNGs",
+    )
+    comp.add_argument("-d", "--dataset", required=True, help="dataset id or name")
+    comp.add_argument(
+        "-r",
+        "--results",
+        nargs="+",
+        required=True,
+        metavar="TRAINER__PLANS__CONFIGURATION",
+        help="result folders in $nnUNet_results/DATASET, e.g. EquiFlexTrainerTiny_smoke__EquiFlexPlans__2d",
+    )
+    comp.add_argument("-f", "--folds", nargs="+", type=int, default=None, help="folds (default: all found)")
+    comp.add_argument("-i", "--test-images", default=None, help="test images in nnU-Net raw format (CASE_0000...)")
+    comp.add_argument(
+        "-l",
+        "--test-labels",
+        default=None,
+        help="ground truth for the test images; without -i/-l each fold predicts its validation cases",
+    )
+    comp.add_argument("-o", "--output", required=True, help="output folder")
+    comp.add_argument("--overwrite", action="store_true", help="replace the output of an earlier comparison")
+    comp.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    comp.add_argument("--no-flip-check", action="store_true", help="skip the flip-consistency predictions")
+    comp.set_defaults(func=_compare)
+
+    job = sub.add_parser(
+        "main",
+        help="the main job: synthetic cardiac dataset, nnU-Net planning, train EquiFlex and nnU-Net's CNN "
+        "with the same budget on CPU, then compare",
+    )
+    job.add_argument("work_dir", nargs="?", default="equiflex_demo", help="work folder (default ./equiflex_demo)")
+    job.add_argument("--quick", action="store_true", help="smaller dataset and the smoke budget (for CI)")
+    job.add_argument("--overwrite", action="store_true", help="start over in a work folder of a different run")
+    job.add_argument("--device", default="cpu", help="training/inference device (default cpu)")
+    job.set_defaults(func=_main_job)
     return parser
 
 

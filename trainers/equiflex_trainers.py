@@ -35,6 +35,13 @@ __all__ = [
     "FlexTrainerTiny_smoke",
     "EquiFlexTrainerPretrained",
     "EquiFlexTrainerPretrainedTiny_smoke",
+    "EquiFlexTrainerD4",
+    "EquiFlexTrainerGMR",
+    "EquiFlexTrainerDilated",
+    "EquiFlexTrainerD4Tiny_smoke",
+    "EquiFlexTrainerGMRTiny_smoke",
+    "EquiFlexTrainerDilatedTiny_smoke",
+    "check_patch_fits_group",
     "PRETRAINED_ENV",
     "pretrained_checkpoint_from_env",
 ]
@@ -95,6 +102,7 @@ class EquiFlexTrainer(nnUNetTrainer):
     ):
         # Fail before nnU-Net creates folders and logs for a run that cannot work.
         check_2d(configuration, PlansManager(plans).get_configuration(configuration).patch_size)
+        check_patch_fits_group(type(self), plans, configuration)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 3e-4
         self.weight_decay = 5e-2
@@ -329,3 +337,55 @@ class EquiFlexTrainerPretrained(EquiFlexTrainer):
 class EquiFlexTrainerPretrainedTiny_smoke(EquiFlexTrainerPretrained, EquiFlexTrainerTiny_smoke):
     """The tiny shape (token size 4, 64-dim, 4 blocks, 4 heads, mlp ratio 2, position grid 8x8) with
     the pretrained path and the bounded smoke schedule: tests and CPU runs with small checkpoints."""
+
+
+# Options from the neighbouring equivariant ViTs (DESIGN.md section 2), one variant each.
+
+
+def check_patch_fits_group(trainer_cls: type, plans: dict, configuration: str) -> None:
+    """Reject a rectangular patch for a D4 network before nnU-Net sets anything up: 90-degree
+    rotations map only squares onto themselves."""
+    configuration_manager = PlansManager(plans).get_configuration(configuration)
+    kwargs = _configured_kwargs(trainer_cls, configuration_manager)
+    if kwargs.get("group") != "d4":
+        return
+    patch = fit_patch_size(configuration_manager.patch_size, kwargs["patch_size"])
+    if patch[0] != patch[1]:
+        raise ValueError(
+            f"{trainer_cls.__name__} uses group 'd4' (flips and 90-degree rotations), which needs a square patch; "
+            f"configuration '{configuration}' of plans '{plans.get('plans_name')}' has patch size {patch}. Plan "
+            "square patches with the EquiFlex planner and group d4, e.g. in Python: plan_dataset(DATASET, "
+            "plans_name='EquiFlexPlansD4', network_overrides={'group': 'd4'}) from "
+            "nnunet_equiflex.planners.equiflex_planner, then train with -p EquiFlexPlansD4; or use a D2 trainer "
+            "(EquiFlexTrainer) for rectangular patches."
+        )
+
+
+class EquiFlexTrainerD4(EquiFlexTrainer):
+    """D4 lifting: flips and 90-degree rotations (8 copies in the lifted blocks); square patches only."""
+
+    network_overrides = {"group": "d4"}
+
+
+class EquiFlexTrainerGMR(EquiFlexTrainer):
+    """Gaussian-Mixture-Ring convolution patch embedding (Equi-ViT, kernels [6, 11])."""
+
+    network_overrides = {"patch_embed": "gmr"}
+
+
+class EquiFlexTrainerDilated(EquiFlexTrainer):
+    """Local blocks alternate dense and dilated (x2) windows: a wider context at the same cost."""
+
+    network_overrides = {"window_dilation": 2, "alternate_dilation": True}
+
+
+class EquiFlexTrainerD4Tiny_smoke(EquiFlexTrainerD4, EquiFlexTrainerTiny_smoke):
+    network_overrides = {**EquiFlexTrainerTiny_smoke.network_overrides, **EquiFlexTrainerD4.network_overrides}
+
+
+class EquiFlexTrainerGMRTiny_smoke(EquiFlexTrainerGMR, EquiFlexTrainerTiny_smoke):
+    network_overrides = {**EquiFlexTrainerTiny_smoke.network_overrides, **EquiFlexTrainerGMR.network_overrides}
+
+
+class EquiFlexTrainerDilatedTiny_smoke(EquiFlexTrainerDilated, EquiFlexTrainerTiny_smoke):
+    network_overrides = {**EquiFlexTrainerTiny_smoke.network_overrides, **EquiFlexTrainerDilated.network_overrides}
