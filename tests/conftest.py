@@ -60,3 +60,17 @@ def trained_toy(tmp_path_factory):
     )
     model_dir = root / "results" / raw.name / f"{trainer}__EquiFlexPlans__2d"
     return dict(root=root, env=env, raw=raw, trainer=trainer, model_dir=model_dir, predictions=predictions, logs=logs)
+
+
+@pytest.fixture(scope="session")
+def trained_toy_cnn(trained_toy):
+    """nnU-Net's CNN with the same short budget as EquiFlexTrainerTiny_smoke, on the same dataset, plans and fold."""
+    from nnunet_env import run
+
+    trainer = "nnUNetTrainer_equiflexSmoke"
+    run(
+        ["nnUNetv2_train", "901", "2d", "0", "-tr", trainer, "-p", "nnUNetPlans", "-device", "cpu"],
+        trained_toy["env"],
+        trained_toy["logs"] / "train_cnn.txt",
+    )
+    return dict(trainer=trainer, model_dir=trained_toy["model_dir"].parent / f"{trainer}__nnUNetPlans__2d")
