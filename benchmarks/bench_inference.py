@@ -1,0 +1,220 @@
+"""End-to-end time per case through nnU-Net's predictor: EquiFlex (one pass per tile) vs the CNN.
+
+Both networks run inside ``nnUNetPredictor.predict_single_npy_array`` (preprocessing, Gaussian
+sliding window, resampling back, argmax), initialised with ``manual_initialization`` from an
+in-memory 2D plan whose architecture entry is what nnU-Net's default planner computes for the
+patch (see ``_common.nnunet_2d_architecture``). Weights are random: accuracy is irrelevant here.
+
+Rows: the CNN with mirroring TTA (nnU-Net's default, 4 passes per tile in 2D, the baseline), the
+CNN without TTA, EquiFlexFormer vit_s8 through nnUNetPredictor (no mirroring axes, as
+EquiFlexTrainer saves them) and through EquiFlexPredictor (mirror-symmetric sliding window).
+
+    python benchmarks/bench_inference.py --quick   # 2 cases, 2 repeats
+    python benchmarks/bench_inference.py           # 2 cases (1x256x256, 1x300x280), 3 repeats
+    python benchmarks/bench_inference.py --full    # adds 1x512x512 and a 10-slice 10x232x256 volume
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import numpy as np
+import torch
+from _common import (
+    allow_many_compiles,
+    build_cnn,
+    measure_interleaved,
+    mib,
+    nnunet_2d_architecture,
+    pick_device,
+    print_header,
+)
+from _common import print_table as table
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunet_equiflex.network import EquiFlexFormer, preset_kwargs
+from nnunet_equiflex.predictor import EquiFlexPredictor
+
+PATCH = (256, 224)
+IN_CHANNELS = 1
+DATASET_JSON = {
+    "channel_names": {"0": "MRI"},
+    "labels": {"background": 0, "RV": 1, "MLV": 2, "LVC": 3},
+    "numTraining": 100,
+    "file_ending": ".nii.gz",
+}
+NUM_CLASSES = len(DATASET_JSON["labels"])
+
+
+def plans_2d(architecture: dict, patch: tuple[int, int]) -> dict:
+    """A 2D nnU-Net plan as ``nnUNetv2_plan_and_preprocess`` writes it (spacing 1 x 1 mm)."""
+    resample = "resample_data_or_seg_to_shape"
+    return {
+        "dataset_name": "Dataset999_Bench",
+        "plans_name": "nnUNetPlans",
+        "original_median_spacing_after_transp": [10.0, 1.0, 1.0],
+        "original_median_shape_after_transp": [10, *patch],
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "experiment_planner_used": "ExperimentPlanner",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {
+            "0": {
+                "max": 1.0,
+                "mean": 0.0,
+                "median": 0.0,
+                "min": -1.0,
+                "percentile_00_5": -1.0,
+                "percentile_99_5": 1.0,
+                "std": 1.0,
+            }
+        },
+        "configurations": {
+            "2d": {
+                "data_identifier": "nnUNetPlans_2d",
+                "preprocessor_name": "DefaultPreprocessor",
+                "batch_size": 12,
+                "patch_size": list(patch),
+                "median_image_size_in_voxels": list(patch),
+                "spacing": [1.0, 1.0],
+                "normalization_schemes": ["ZScoreNormalization"],
+                "use_mask_for_norm": [False],
+                "resampling_fn_data": resample,
+                "resampling_fn_seg": resample,
+                "resampling_fn_probabilities": resample,
+                "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+                "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+                "resampling_fn_probabilities_kwargs": {
+                    "is_seg": False,
+                    "order": 1,
+                    "order_z": 0,
+                    "force_separate_z": None,
+                },
+                "architecture": architecture,
+                "batch_dice": True,
+            }
+        },
+    }
+
+
+def make_predictor(cls, network, plans: dict, mirroring_axes, trainer_name: str, device: torch.device):
+    predictor = cls(
+        tile_step_size=0.5,
+        use_gaussian=True,
+        use_mirroring=mirroring_axes is not None,
+        perform_everything_on_device=device.type == "cuda",
+        device=device,
+        verbose=False,
+        verbose_preprocessing=False,
+        allow_tqdm=False,
+    )
+    plans_manager = PlansManager(copy.deepcopy(plans))
+    configuration_manager = plans_manager.get_configuration("2d")
+    network = network.to(device).eval()
+    predictor.manual_initialization(
+        network,
+        plans_manager,
+        configuration_manager,
+        [copy.deepcopy(network.state_dict())],  # one "fold", loaded before each case as nnU-Net does
+        DATASET_JSON,
+        trainer_name,
+        mirroring_axes,
+    )
+    return predictor
+
+
+def num_tiles(predictor: nnUNetPredictor, shape: tuple[int, ...]) -> int:
+    # 2D plans on (z, y, x) cases: nnU-Net pads y, x up to the patch and tiles slice by slice
+    padded = (shape[0], *(max(s, p) for s, p in zip(shape[1:], PATCH)))
+    return len(predictor._internal_get_sliding_window_slicers(padded))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="2 repeats")
+    mode.add_argument("--full", action="store_true", help="more cases, 5 repeats")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int)
+    args = parser.parse_args()
+
+    device = pick_device(args.device)
+    repeats = args.repeats or (2 if args.quick else (5 if args.full else 3))
+    cases = [(1, 256, 256), (1, 300, 280)]
+    if args.full:
+        cases += [(1, 512, 512), (10, 232, 256)]
+
+    allow_many_compiles()
+    print_header("End-to-end prediction per case through nnU-Net's predictor", device)
+    architecture, fitted = nnunet_2d_architecture(PATCH)
+    assert fitted == PATCH, fitted
+    plans = plans_2d(architecture, PATCH)
+    print(
+        f"2D plan: patch {PATCH[0]}x{PATCH[1]}, spacing 1x1, tile step 0.5, Gaussian weighting; CNN "
+        f"{architecture['arch_kwargs']['n_stages']} stages from nnU-Net's planner topology; EquiFlex preset vit_s8 "
+        f"(D2 lifting of 4 blocks, local flex attention, compiled). Random weights, {NUM_CLASSES} classes."
+    )
+    print(
+        "timed: predict_single_npy_array (preprocess + sliding window + resample + argmax), "
+        f"median of {repeats}, rows timed round-robin"
+    )
+    print()
+
+    torch.manual_seed(0)
+    cnn = build_cnn(architecture, IN_CHANNELS, NUM_CLASSES, deep_supervision=False)
+    equiflex = EquiFlexFormer(IN_CHANNELS, NUM_CLASSES, **preset_kwargs("vit_s8"))
+    predictors = {
+        "CNN + mirroring TTA (nnU-Net default)": make_predictor(
+            nnUNetPredictor, cnn, plans, (0, 1), "nnUNetTrainer", device
+        ),
+        "CNN, no TTA (--disable_tta)": make_predictor(nnUNetPredictor, cnn, plans, None, "nnUNetTrainer", device),
+        "EquiFlex, nnUNetPredictor": make_predictor(nnUNetPredictor, equiflex, plans, None, "EquiFlexTrainer", device),
+        "EquiFlex, EquiFlexPredictor": make_predictor(
+            EquiFlexPredictor, equiflex, plans, None, "EquiFlexTrainer", device
+        ),
+    }
+    rng = np.random.default_rng(0)
+    verdicts = []
+    for shape in cases:
+        image = rng.standard_normal((IN_CHANNELS, *shape)).astype(np.float32)
+        properties = {"spacing": [10.0, 1.0, 1.0]}
+        calls = {
+            name: (lambda p=predictor, i=image, pr=properties: p.predict_single_npy_array(i, pr))
+            for name, predictor in predictors.items()
+        }
+        timings = measure_interleaved(calls, device, repeats)
+        rows = []
+        baseline_s = timings[next(iter(timings))].median_s
+        for name, predictor in predictors.items():
+            timing = timings[name]
+            passes = 4 if predictor.use_mirroring and predictor.allowed_mirroring_axes else 1
+            tiles = num_tiles(predictor, shape)
+            rows.append(
+                [
+                    name,
+                    f"{tiles} x {passes}",
+                    f"{timing.median_s:.2f}",
+                    f"{baseline_s / timing.median_s:.2f}x",
+                    f"{timing.spread:.0%}",
+                    mib(timing.peak_bytes),
+                ]
+            )
+            if name == "EquiFlex, nnUNetPredictor":
+                verdicts.append((shape, baseline_s / timing.median_s))
+        print(f"## case {'x'.join(map(str, shape))}")
+        table(["predictor", "tiles x passes", "s / case", "speed-up vs CNN+TTA", "spread", "peak mem"], rows)
+
+    worst = min(s for _, s in verdicts)
+    print(
+        "Target 'EquiFlex single pass >= 4x faster per case than the CNN with TTA': "
+        f"{'MET' if worst >= 4 else 'MISSED'} ("
+        + ", ".join(f"{'x'.join(map(str, sh))}: {s:.2f}x" for sh, s in verdicts)
+        + ")"
+    )
+
+
+if __name__ == "__main__":
+    main()
