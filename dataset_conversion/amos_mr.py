@@ -27,14 +27,12 @@ from pathlib import Path
 
 from nnunet_equiflex.dataset_conversion.common import (
     FILE_ENDING,
-    Progress,
     add_common_arguments,
-    convert_volume_pair,
-    copy_or_convert_image,
     errors_as_messages,
     prepare_dataset_folder,
     removed_on_error,
     write_dataset_json,
+    write_volume_cases,
 )
 
 DEFAULT_ID = 903
@@ -123,21 +121,7 @@ def convert_amos_mr(
     )
     with removed_on_error(folder):
         identity = {value: value for value in labels.values()}
-        progress = Progress(f"{folder.name} training", len(pairs))
-        for done, (case, (image, label)) in enumerate(pairs.items(), start=1):
-            convert_volume_pair(
-                image,
-                label,
-                folder / "imagesTr" / f"{case}_0000{FILE_ENDING}",
-                folder / "labelsTr" / f"{case}{FILE_ENDING}",
-                label_map=identity,
-            )
-            progress.update(done)
-        if with_test:
-            progress = Progress(f"{folder.name} imagesTs", len(test_images))
-            for done, (case, image) in enumerate(test_images.items(), start=1):
-                copy_or_convert_image(image, folder / "imagesTs" / f"{case}_0000{FILE_ENDING}")
-                progress.update(done)
+        write_volume_cases(folder, pairs, identity, "training", test_images if with_test else None)
         write_dataset_json(
             folder,
             channel_names={0: "MRI"},

@@ -240,6 +240,33 @@ def convert_volume_pair(
     return {int(v) for v in np.unique(values)}
 
 
+def write_volume_cases(
+    folder: Path,
+    pairs: dict[str, tuple[Path, Path]],
+    label_map: dict[int, int],
+    description: str,
+    test_images: dict[str, Path] | None = None,
+    test_description: str = "imagesTs",
+) -> None:
+    """Write ``pairs`` (case -> (image, label)) to imagesTr/labelsTr and ``test_images`` to imagesTs,
+    with progress lines; labels are remapped with ``label_map`` and checked against the image grid."""
+    progress = Progress(f"{folder.name} {description}", len(pairs))
+    for done, (case, (image, label)) in enumerate(pairs.items(), start=1):
+        convert_volume_pair(
+            image,
+            label,
+            folder / "imagesTr" / f"{case}_0000{FILE_ENDING}",
+            folder / "labelsTr" / f"{case}{FILE_ENDING}",
+            label_map=label_map,
+        )
+        progress.update(done)
+    if test_images:
+        progress = Progress(f"{folder.name} {test_description}", len(test_images))
+        for done, (case, image) in enumerate(test_images.items(), start=1):
+            copy_or_convert_image(image, folder / "imagesTs" / f"{case}_0000{FILE_ENDING}")
+            progress.update(done)
+
+
 def copy_or_convert_image(source: Path, target: Path) -> None:
     """Copy a .nii.gz unchanged; read and re-write anything else (e.g. .mha, .nii) as compressed NIfTI."""
     if source.name.endswith(FILE_ENDING):

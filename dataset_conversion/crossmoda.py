@@ -33,14 +33,12 @@ from pathlib import Path
 
 from nnunet_equiflex.dataset_conversion.common import (
     FILE_ENDING,
-    Progress,
     add_common_arguments,
-    convert_volume_pair,
-    copy_or_convert_image,
     errors_as_messages,
     prepare_dataset_folder,
     removed_on_error,
     write_dataset_json,
+    write_volume_cases,
 )
 
 DEFAULT_ID = 901
@@ -128,21 +126,9 @@ def convert_crossmoda(
     )
     with removed_on_error(folder):
         identity = {value: value for value in labels.values()}
-        progress = Progress(f"{folder.name} ceT1 ({edition} labels)", len(pairs))
-        for done, (case, (image, label)) in enumerate(pairs.items(), start=1):
-            convert_volume_pair(
-                image,
-                label,
-                folder / "imagesTr" / f"{case}_0000{FILE_ENDING}",
-                folder / "labelsTr" / f"{case}{FILE_ENDING}",
-                label_map=identity,
-            )
-            progress.update(done)
-        if hrt2_as_test:
-            progress = Progress(f"{folder.name} hrT2 -> imagesTs", len(hrt2))
-            for done, (case, image) in enumerate(hrt2.items(), start=1):
-                copy_or_convert_image(image, folder / "imagesTs" / f"{case}_0000{FILE_ENDING}")
-                progress.update(done)
+        write_volume_cases(
+            folder, pairs, identity, f"ceT1 ({edition} labels)", hrt2 if hrt2_as_test else None, "hrT2 -> imagesTs"
+        )
         write_dataset_json(
             folder,
             channel_names={0: "ceT1"},

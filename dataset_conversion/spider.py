@@ -30,14 +30,12 @@ import re
 from pathlib import Path
 
 from nnunet_equiflex.dataset_conversion.common import (
-    FILE_ENDING,
-    Progress,
     add_common_arguments,
-    convert_volume_pair,
     errors_as_messages,
     prepare_dataset_folder,
     removed_on_error,
     write_dataset_json,
+    write_volume_cases,
 )
 
 DEFAULT_ID = 902
@@ -117,16 +115,7 @@ def convert_spider(
     cases = find_spider_cases(input_folder, sequence)
     folder = prepare_dataset_folder(nnunet_raw, dataset_id, name, overwrite)
     with removed_on_error(folder):
-        progress = Progress(f"{folder.name} {sequence}", len(cases))
-        for done, (case, (image, mask)) in enumerate(cases.items(), start=1):
-            convert_volume_pair(
-                image,
-                mask,
-                folder / "imagesTr" / f"{case}_0000{FILE_ENDING}",
-                folder / "labelsTr" / f"{case}{FILE_ENDING}",
-                label_map=mapping,
-            )
-            progress.update(done)
+        write_volume_cases(folder, cases, mapping, sequence)
         write_dataset_json(
             folder,
             channel_names={0: sequence},

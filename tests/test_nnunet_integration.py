@@ -69,11 +69,8 @@ def test_continue_restores_epoch_optimizer_and_schedule(in_process_env):
     assert np.allclose(final["logging"]["lrs"], expected)
 
 
-@pytest.fixture
-def predictor(in_process_env):
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    predictor = nnUNetPredictor(
+def _cpu_predictor(predictor_class, model_dir):
+    predictor = predictor_class(
         tile_step_size=0.5,
         use_gaussian=True,
         use_mirroring=True,
@@ -81,8 +78,15 @@ def predictor(in_process_env):
         device=torch.device("cpu"),
         allow_tqdm=False,
     )
-    predictor.initialize_from_trained_model_folder(str(in_process_env["model_dir"]), use_folds=(0,))
+    predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=(0,))
     return predictor
+
+
+@pytest.fixture
+def predictor(in_process_env):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    return _cpu_predictor(nnUNetPredictor, in_process_env["model_dir"])
 
 
 def _predict(predictor, image: np.ndarray):
@@ -285,16 +289,7 @@ def test_symmetric_gaussian_is_mirror_symmetric():
 def equiflex_predictor(in_process_env):
     from nnunet_equiflex.predictor import EquiFlexPredictor
 
-    predictor = EquiFlexPredictor(
-        tile_step_size=0.5,
-        use_gaussian=True,
-        use_mirroring=True,
-        perform_everything_on_device=False,
-        device=torch.device("cpu"),
-        allow_tqdm=False,
-    )
-    predictor.initialize_from_trained_model_folder(str(in_process_env["model_dir"]), use_folds=(0,))
-    return predictor
+    return _cpu_predictor(EquiFlexPredictor, in_process_env["model_dir"])
 
 
 @pytest.mark.parametrize("size", SINGLE_TILE_SIZES + MULTI_TILE_SIZES + [(53, 47), (81, 65), (97, 50)])
