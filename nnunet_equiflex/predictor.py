@@ -61,19 +61,19 @@ class EquiFlexPredictor(nnUNetPredictor):
         spatial = input_image.shape[1:]
         patch = tuple(self.configuration_manager.patch_size)
         spatial_patch = spatial[-len(patch) :]
-        pads = []
+        pads = []  # per axis, the same amount before and after
         for size, tile in zip(spatial_patch, patch):
             target = max(size, tile)
             target += (target - size) % 2
-            pads.append(((target - size) // 2, (target - size) // 2))
-        if any(before for before, _ in pads):
-            flat = [p for before_after in reversed(pads) for p in before_after]  # F.pad wants last axis first
+            pads.append((target - size) // 2)
+        if any(pads):
+            flat = [p for pad in reversed(pads) for p in (pad, pad)]  # F.pad wants the last axis first
             padded = torch.nn.functional.pad(input_image, flat, mode="constant", value=0)
         else:
             padded = input_image
         logits = super().predict_sliding_window_return_logits(padded)
         crop = [slice(None)] * (logits.ndim - len(patch))
-        crop += [slice(before, before + size) for (before, _), size in zip(pads, spatial_patch)]
+        crop += [slice(pad, pad + size) for pad, size in zip(pads, spatial_patch)]
         return logits[tuple(crop)]
 
     def _internal_get_sliding_window_slicers(self, image_size: tuple[int, ...]):

@@ -213,8 +213,6 @@ def test_shim_never_breaks_nnunets_own_lookup(tmp_path):
 
 
 def _load_plans(toy):
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager  # noqa: F401
-
     folder = toy["root"] / "preprocessed" / toy["raw"].name
     plans = json.loads((folder / "EquiFlexPlans.json").read_text())
     dataset_json = json.loads((folder / "dataset.json").read_text())

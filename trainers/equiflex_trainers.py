@@ -101,7 +101,6 @@ class EquiFlexTrainer(nnUNetTrainer):
         device: torch.device = torch.device("cuda"),
     ):
         # Fail before nnU-Net creates folders and logs for a run that cannot work.
-        check_2d(configuration, PlansManager(plans).get_configuration(configuration).patch_size)
         check_patch_fits_group(type(self), plans, configuration)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 3e-4
@@ -343,9 +342,10 @@ class EquiFlexTrainerPretrainedTiny_smoke(EquiFlexTrainerPretrained, EquiFlexTra
 
 
 def check_patch_fits_group(trainer_cls: type, plans: dict, configuration: str) -> None:
-    """Reject a rectangular patch for a D4 network before nnU-Net sets anything up: 90-degree
-    rotations map only squares onto themselves."""
+    """Reject, before nnU-Net sets anything up, a configuration that is not 2D, and a rectangular patch
+    for a D4 network (90-degree rotations map only squares onto themselves)."""
     configuration_manager = PlansManager(plans).get_configuration(configuration)
+    check_2d(configuration, configuration_manager.patch_size)
     kwargs = _configured_kwargs(trainer_cls, configuration_manager)
     if kwargs.get("group") != "d4":
         return
