@@ -35,7 +35,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nnunet_equiflex.attention import local_window_attention
+from nnunet_equiflex.attention import (
+    LocalMask,
+    attend_local,
+    cached_tiled_token_order,
+    default_token_layout,
+    local_attention_mask,
+    parse_token_layout,
+    resolve_backend,
+)
 from nnunet_equiflex.gmr import GMRPatchEmbed
 from nnunet_equiflex.groups import check_grid_supported, group_elements
 
@@ -88,22 +96,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        grid: tuple[int, int] | None = None,
-        window_radius: int = 0,
-        dilation: int = 1,
-        backend: str = "auto",
-        num_prefix_tokens: int = 1,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: LocalMask | None = None) -> torch.Tensor:
+        """Global attention, or local attention under ``mask`` (from ``local_attention_mask``)."""
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        if grid is None:
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            out = local_window_attention(q, k, v, grid, window_radius, dilation, num_prefix_tokens, backend=backend)
+        out = F.scaled_dot_product_attention(q, k, v) if mask is None else attend_local(q, k, v, mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -145,8 +143,8 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, **attn_kwargs) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), **attn_kwargs)))
+    def forward(self, x: torch.Tensor, mask: LocalMask | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), mask)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -179,8 +177,11 @@ class EquiFlexEncoder(nn.Module):
         gmr_hidden_dim: int = 32,
         gmr_strides: tuple[int, ...] | list[int] | None = None,
         alternate_dilation: bool = False,
+        flex_token_layout: str = "auto",
     ) -> None:
         super().__init__()
+        if flex_token_layout != "auto":
+            parse_token_layout(flex_token_layout)
         if patch_embed not in PATCH_EMBEDS:
             raise ValueError(f"unknown patch_embed {patch_embed!r}; choose one of {', '.join(PATCH_EMBEDS)}")
         if alternate_dilation and window_dilation < 2:
@@ -203,6 +204,7 @@ class EquiFlexEncoder(nn.Module):
         self.group = group
         self.group_pooling = group_pooling
         self.attention_backend = attention_backend
+        self.flex_token_layout = flex_token_layout
         self.elements = group_elements(group)
         self.pos_embed_grid = tuple(pos_embed_grid)
         self.num_register_tokens = num_register_tokens
@@ -292,18 +294,35 @@ class EquiFlexEncoder(nn.Module):
             return [self.window_dilation] * n_local
         return [self.window_dilation if i % 2 else 1 for i in range(n_local)]
 
+    def local_token_layout(self, device: torch.device, needs_grad: bool) -> tuple[str, int | None]:
+        """The local stage's attention backend and, for flex, its tile size (None: row-major)."""
+        backend = resolve_backend(self.attention_backend, device, needs_grad)
+        if backend != "flex":
+            return backend, None
+        layout = self.flex_token_layout
+        return backend, parse_token_layout(default_token_layout(device) if layout == "auto" else layout)
+
     def forward_local(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Step 3: the local-attention blocks on pooled tokens ``(B, prefix + h*w, D)``."""
-        for block, dilation in zip(self.blocks[self.n_lifted_blocks :], self.local_dilations()):
-            tokens = block(
-                tokens,
-                grid=grid,
-                window_radius=self.window_radius,
-                dilation=dilation,
-                backend=self.attention_backend,
-                num_prefix_tokens=self.num_prefix_tokens,
-            )
-        return tokens
+        """Step 3: the local-attention blocks on pooled tokens ``(B, prefix + h*w, D)``.
+
+        With a tiled flex layout the tokens are permuted once into tile order, go through every
+        local block in that order (the blocks act per token except for attention, whose mask is
+        expressed in the same order) and are permuted back: the same function, cheaper blocks."""
+        if self.n_lifted_blocks == len(self.blocks):
+            return tokens
+        needs_grad = torch.is_grad_enabled() and tokens.requires_grad
+        backend, tile = self.local_token_layout(tokens.device, needs_grad)
+        dilations = self.local_dilations()
+        masks = {
+            d: local_attention_mask(grid, self.window_radius, d, self.num_prefix_tokens, backend, tile, tokens.device)
+            for d in sorted(set(dilations))
+        }  # built once per geometry, looked up once per forward
+        if tile is not None:
+            order, inverse = cached_tiled_token_order(*grid, tile, self.num_prefix_tokens, tokens.device)
+            tokens = tokens[:, order]
+        for block, dilation in zip(self.blocks[self.n_lifted_blocks :], dilations):
+            tokens = block(tokens, masks[dilation])
+        return tokens if tile is None else tokens[:, inverse]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Return normalised tokens ``(B, 1 + h*w, D)`` (CLS first) and the token grid ``(h, w)``."""

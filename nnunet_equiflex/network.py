@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from nnunet_equiflex.attention import parse_token_layout
 from nnunet_equiflex.decoder import LightDecoder
 from nnunet_equiflex.encoder import EquiFlexEncoder
 
@@ -81,6 +82,8 @@ class EquiFlexFormer(nn.Module):
         gmr_hidden_dim: channels between the GMR layers.
         gmr_strides: stride of each GMR layer, multiplying to patch_size; None = 1, ..., 1, patch_size.
         alternate_dilation: local blocks alternate dense (even) and ``window_dilation``-dilated (odd) windows.
+        flex_token_layout: storage order of the tokens in the flex local blocks: "auto" (4x4 tiles on CPU,
+            row-major on CUDA), "row" or "tileN". The same function in every layout, only its speed differs.
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class EquiFlexFormer(nn.Module):
         gmr_hidden_dim: int = 32,
         gmr_strides: tuple[int, ...] | list[int] | None = None,
         alternate_dilation: bool = False,
+        flex_token_layout: str = "auto",
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -142,6 +146,7 @@ class EquiFlexFormer(nn.Module):
             gmr_hidden_dim=gmr_hidden_dim,
             gmr_strides=None if gmr_strides is None else tuple(gmr_strides),
             alternate_dilation=alternate_dilation,
+            flex_token_layout=flex_token_layout,
         )
         self.decoder = LightDecoder(
             embed_dim, num_classes, patch_size, in_channels, refine=refine, refine_dim=refine_dim, group=group
@@ -153,6 +158,11 @@ class EquiFlexFormer(nn.Module):
 
     def set_attention_backend(self, backend: str) -> None:
         self.encoder.attention_backend = backend
+
+    def set_flex_token_layout(self, layout: str) -> None:
+        if layout != "auto":
+            parse_token_layout(layout)
+        self.encoder.flex_token_layout = layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4:

@@ -7,8 +7,11 @@ from helpers import tiny_network
 from nnunet_equiflex.attention import (
     dense_mask,
     generate_local_window_mask,
+    generate_tiled_local_window_mask,
+    local_attention_mask,
     local_window_attention,
     resolve_backend,
+    tiled_token_order,
 )
 from nnunet_equiflex.encoder import Block
 
@@ -75,7 +78,7 @@ def test_local_block_gradient_is_zero_outside_the_window(radius):
     grid = (7, 9)
     block = Block(32, 4, 2.0, True, 0.0, 1e-6)
     tokens = torch.randn(1, 1 + grid[0] * grid[1], 32, requires_grad=True)
-    out = block(tokens, grid=grid, window_radius=radius, backend="sdpa")
+    out = block(tokens, local_attention_mask(grid, radius, 1, 1, "sdpa", None, tokens.device))
     qy, qx = 3, 4
     out[0, 1 + qy * grid[1] + qx].sum().backward()
     grad = tokens.grad[0, 1:].abs().sum(-1).reshape(grid)
@@ -95,3 +98,64 @@ def test_local_stage_of_the_encoder_is_local():
     grad = tokens.grad[0, 1:].abs().sum(-1).reshape(grid)
     assert torch.all(grad[2:, :] == 0) and torch.all(grad[:, 2:] == 0)
     assert torch.all(grad[:2, :2] > 0)
+
+
+@pytest.mark.parametrize("grid,tile,prefix", [((8, 12), 4, 1), ((9, 10), 4, 1), ((7, 7), 3, 2)])
+def test_tiled_order_is_a_permutation_with_prefix_last(grid, tile, prefix):
+    order = tiled_token_order(*grid, tile, prefix)
+    n = prefix + grid[0] * grid[1]
+    assert torch.equal(order.sort().values, torch.arange(n))
+    assert order[-prefix:].tolist() == list(range(prefix))
+    if grid[0] % tile == 0 and grid[1] % tile == 0:  # each run of tile*tile tokens is one square tile
+        cells = order[: grid[0] * grid[1]] - prefix
+        for block in cells.split(tile * tile):
+            ys, xs = block // grid[1], block % grid[1]
+            assert ys.max() - ys.min() == tile - 1 and xs.max() - xs.min() == tile - 1
+
+
+@pytest.mark.parametrize("grid,radius,dilation,tile,prefix", [((8, 12), 2, 1, 4, 1), ((9, 10), 1, 2, 4, 3)])
+def test_tiled_mask_is_the_row_major_mask_permuted(grid, radius, dilation, tile, prefix):
+    n = prefix + grid[0] * grid[1]
+    row = dense_mask(generate_local_window_mask(*grid, radius, dilation, prefix), n)
+    tiled = dense_mask(generate_tiled_local_window_mask(*grid, radius, dilation, prefix, tile=tile), n)
+    order = tiled_token_order(*grid, tile, prefix)
+    assert torch.equal(tiled, row[order][:, order])
+
+
+def test_tiles_put_a_window_in_fewer_blocks():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    grid, n = (32, 32), 1 + 32 * 32
+    row = create_block_mask(generate_local_window_mask(*grid, 2), None, None, n, n, device="cpu", BLOCK_SIZE=16)
+    tiled_mod = generate_tiled_local_window_mask(*grid, 2, tile=4)
+    tiled = create_block_mask(tiled_mod, None, None, n, n, device="cpu", BLOCK_SIZE=16)
+    assert tiled.sparsity() > row.sparsity() + 1.0  # percent of blocks skipped
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 32, 40), (1, 2, 36, 28)])
+def test_network_output_is_the_same_in_every_token_layout(shape):
+    net = tiny_network(num_register_tokens=1, window_dilation=2, alternate_dilation=True)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        net.set_attention_backend("sdpa")
+        reference = net(x)
+        net.set_attention_backend("flex")
+        for layout in ("row", "tile4", "tile3"):
+            net.set_flex_token_layout(layout)
+            assert (net(x) - reference).abs().max().item() < 1e-4, layout
+
+
+def test_auto_token_layout_choice():
+    net = tiny_network()
+    assert net.encoder.local_token_layout(torch.device("cpu"), needs_grad=False) == ("flex", 4)
+    assert net.encoder.local_token_layout(torch.device("cpu"), needs_grad=True) == ("sdpa", None)
+    assert net.encoder.local_token_layout(torch.device("cuda"), needs_grad=True) == ("flex", None)
+    net.set_flex_token_layout("row")
+    assert net.encoder.local_token_layout(torch.device("cpu"), needs_grad=False) == ("flex", None)
+
+
+def test_unknown_token_layout_is_rejected():
+    with pytest.raises(ValueError, match="choose 'auto', 'row' or 'tileN'"):
+        tiny_network(flex_token_layout="hilbert")
+    with pytest.raises(ValueError, match="choose 'auto', 'row' or 'tileN'"):
+        tiny_network().set_flex_token_layout("tile0")
