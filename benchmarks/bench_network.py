@@ -35,7 +35,7 @@ from _common import (
 )
 from torch.utils.flop_counter import FlopCounterMode
 
-from nnunet_equiflex.attention import dense_mask, generate_local_window_mask
+from nnunet_equiflex.attention import default_token_layout, dense_mask, generate_local_window_mask
 from nnunet_equiflex.network import EquiFlexFormer
 
 IN_CHANNELS, NUM_CLASSES = 1, 4  # ACDC: one MRI channel; background, RV, MLV, LVC
@@ -134,6 +134,12 @@ def main() -> None:
     parser.add_argument(
         "--options", action="store_true", help="add the encoder options (GMR, dilated; d4 when the patch is square)"
     )
+    parser.add_argument(
+        "--layouts", action="store_true", help="add vit_s8 inference with the other flex token layout (same weights)"
+    )
+    parser.add_argument(
+        "--compile-network", action="store_true", help="add vit_s8 inference with the whole network torch.compile'd"
+    )
     args = parser.parse_args()
 
     device = pick_device(args.device)
@@ -159,7 +165,11 @@ def main() -> None:
     )
     print("EquiFlex: preset vit_s8 (patch 8, embed 384, depth 12, heads 6, window radius 2)")
     train_backend = "flex" if cuda else "sdpa (dense bool mask; flex has no CPU backward)"
-    print(f"EquiFlex local blocks: inference backend flex (compiled); training backend {train_backend}")
+    layout = default_token_layout(device)
+    print(
+        f"EquiFlex local blocks: inference backend flex (compiled, token layout {layout}); "
+        f"training backend {train_backend}"
+    )
     print()
 
     gen = torch.Generator().manual_seed(0)
@@ -200,6 +210,15 @@ def main() -> None:
             sdpa_model.load_state_dict(model.state_dict())
             stats[name + ", sdpa backend"] = stats[name]
             infer_calls[name + ", sdpa backend"] = functools.partial(sdpa_model, x)
+        if args.layouts and name == D2_REFERENCE:
+            other = "row" if layout != "row" else "tile4"
+            other_model = equiflex(**overrides, flex_token_layout=other).to(device).eval()
+            other_model.load_state_dict(model.state_dict())
+            stats[f"{name}, flex layout {other}"] = stats[name]
+            infer_calls[f"{name}, flex layout {other}"] = functools.partial(other_model, x)
+        if args.compile_network and name == D2_REFERENCE:
+            stats[name + ", whole network compiled"] = stats[name]
+            infer_calls[name + ", whole network compiled"] = functools.partial(torch.compile(model, dynamic=False), x)
         if not args.no_train:
             trainee = equiflex(**overrides, attention_backend="flex" if cuda else "sdpa").to(device).train()
             opt = torch.optim.AdamW(trainee.parameters(), lr=1e-4)
