@@ -1,0 +1,46 @@
+"""The benchmark scripts still run and print their ratio tables (smallest settings; nothing timed
+is asserted: benchmarks report, tests only check that they work)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_benchmark(script: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, script, *args], cwd=BENCHMARKS, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def test_attention_benchmark_runs_and_checks_its_layouts():
+    out = run_benchmark("bench_attention.py", "--quick", "--grids", "8", "--radii", "1", "--repeats", "1")
+    assert "## grid 8x8 (+CLS = 65 tokens), radius 1" in out
+    for row in ("sdpa, dense bool mask (baseline)", "flex row-major, block 16", "flex tile4, block 16"):
+        assert row in out
+    assert "reordered vs row-major flex, max abs diff" in out
+    assert "WARNING: a reordered layout differs" not in out
+    assert "Target at 64x64: not measured in this run" in out
+
+
+def test_network_benchmark_and_profile_run():
+    out = run_benchmark("bench_network.py", "--patch", "64", "64", "--batch", "1", "--repeats", "1", "--layouts")
+    assert "## Inference (no grad), per patch" in out and "## Training step" in out
+    assert "EquiFlex d2, lifted 4 (vit_s8), flex layout row" in out
+    assert "EquiFlex vit_s8 (lifted 4) single pass vs CNN with TTA:" in out
+    profile = run_benchmark("profile_network.py", "--patch", "64", "64")
+    assert "linear layers (addmm/mm)" in profile and "local attention (compiled flex)" in profile
+
+
+def test_inference_benchmark_runs():
+    out = run_benchmark("bench_inference.py", "--quick", "--repeats", "1")
+    assert "## case 1x256x256" in out and "## case 1x300x280" in out
+    assert "EquiFlex, EquiFlexPredictor" in out
+    assert "Target 'EquiFlex single pass >= 4x faster per case than the CNN with TTA':" in out
