@@ -5,9 +5,10 @@ Baseline: SDPA with the dense boolean mask (the library's CPU-training backend).
 its speed-up over that baseline measured in the same run, the fraction of (q, k) blocks the
 BlockMask computes, and the ideal speed-up from the mask density (1 / density).
 
-Reordered layouts permute the grid tokens so that spatial neighbours share blocks (8x8 tiles or
-a Morton curve; CLS moved to the end so that tiles line up with blocks), build the mask in the
-permuted index space from the same ``generate_local_window_mask``, and permute the output back.
+Reordered layouts permute the grid tokens so that spatial neighbours share blocks (tiles, the
+network's own ``tiled_token_order``, or a Morton curve; CLS moved to the end so that tiles line up
+with blocks), build the mask in the permuted index space with the library's
+``generate_reordered_local_window_mask``, and permute the output back.
 Reordered rows are timed on q, k, v already in the layout's order, as a network holds its tokens
 through the whole local stage (one permutation per forward pass, not per block); the output is
 permuted back for the correctness check, outside the timed call.
@@ -36,51 +37,29 @@ from _common import (
 )
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from nnunet_equiflex.attention import dense_mask, generate_local_window_mask
+from nnunet_equiflex.attention import (
+    dense_mask,
+    generate_local_window_mask,
+    generate_reordered_local_window_mask,
+    tiled_token_order,
+)
 
 PREFIX = 1  # one CLS token
 
 
-def grid_order(grid: int, layout: str) -> torch.Tensor:
-    """Old grid-token indices (0..grid^2-1, row-major) in the order of ``layout``."""
+def sequence_order(grid: int, layout: str) -> torch.Tensor:
+    """``perm[new] = old`` over the whole sequence, CLS moved to the end: ``tileN`` is the
+    network's own layout (``tiled_token_order``); ``morton`` a Z-order curve over the grid."""
+    if layout.startswith("tile"):
+        return tiled_token_order(grid, grid, int(layout[4:]), PREFIX)
+    if layout != "morton":
+        raise ValueError(f"unknown layout {layout!r}")
     ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     ys, xs = ys.flatten(), xs.flatten()
-    if layout == "row":
-        return torch.arange(grid * grid)
-    if layout.startswith("tile"):
-        t = int(layout[4:])
-        tiles_per_row = -(-grid // t)
-        key = ((ys // t) * tiles_per_row + xs // t) * t * t + (ys % t) * t + xs % t
-    elif layout == "morton":
-        key = torch.zeros_like(ys)
-        for bit in range(max(1, (grid - 1).bit_length())):
-            key |= ((xs >> bit) & 1) << (2 * bit) | ((ys >> bit) & 1) << (2 * bit + 1)
-    else:
-        raise ValueError(f"unknown layout {layout!r}")
-    return torch.argsort(key)
-
-
-def sequence_order(grid: int, layout: str) -> torch.Tensor:
-    """``perm[new] = old`` over the whole sequence; reordered layouts move CLS to the end."""
-    tokens = grid_order(grid, layout) + PREFIX
-    if layout == "row":
-        return torch.cat([torch.arange(PREFIX), tokens])
-    return torch.cat([tokens, torch.arange(PREFIX)])
-
-
-def permuted_mask(grid: int, radius: int, perm: torch.Tensor, device: torch.device):
-    """The local-window mask in the permuted index space: ``mask(perm[q], perm[kv])``.
-
-    ``perm`` is padded with identity entries, because create_block_mask evaluates the mask on
-    indices rounded up to the block size."""
-    base = generate_local_window_mask(grid, grid, radius, num_prefix_tokens=PREFIX)
-    seq = perm.numel()
-    padded = torch.cat([perm, torch.arange(seq, seq + 1024)]).to(device)
-
-    def reordered(b, h, q_idx, kv_idx):
-        return base(b, h, padded[q_idx], padded[kv_idx])
-
-    return reordered
+    key = torch.zeros_like(ys)
+    for bit in range(max(1, (grid - 1).bit_length())):
+        key |= ((xs >> bit) & 1) << (2 * bit) | ((ys >> bit) & 1) << (2 * bit + 1)
+    return torch.cat([torch.argsort(key) + PREFIX, torch.arange(PREFIX)])
 
 
 def block_mask_for(mask_mod, seq: int, block: int, device: torch.device):
@@ -230,7 +209,8 @@ def bench_grid(
         rows.append((f"flex row-major, block {block}", flex_row, 1 - bm.sparsity() / 100, (q, k, v), None))
     for layout, block in reordered:
         perm = sequence_order(grid, layout).to(device)
-        bm = block_mask_for(permuted_mask(grid, radius, perm.cpu(), device), seq, block, device)
+        mask_mod = generate_reordered_local_window_mask(grid, grid, radius, 1, PREFIX, perm, device)
+        bm = block_mask_for(mask_mod, seq, block, device)
         permuted = tuple(t[:, :, perm].contiguous() for t in (q, k, v))
 
         def flex_reordered(bm=bm, permuted=permuted):

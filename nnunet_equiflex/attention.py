@@ -84,6 +84,31 @@ def tiled_token_order(grid_h: int, grid_w: int, tile: int, num_prefix_tokens: in
     return torch.cat([grid_tokens, torch.arange(num_prefix_tokens)])
 
 
+def generate_reordered_local_window_mask(
+    grid_h: int,
+    grid_w: int,
+    window_radius: int,
+    dilation: int,
+    num_prefix_tokens: int,
+    order: torch.Tensor,
+    device: torch.device | str = "cpu",
+) -> MaskMod:
+    """``generate_local_window_mask`` in the index space of a token order (``order[new] = old``).
+
+    Looks up each index's row-major position; the table is padded past the sequence end because
+    block masks evaluate the mask on indices rounded up to the block size."""
+    base = generate_local_window_mask(grid_h, grid_w, window_radius, dilation, num_prefix_tokens)
+    seq_len = order.numel()
+    padded_len = -(-seq_len // 1024) * 1024 + 1024
+    lookup = torch.cat([order.cpu(), torch.arange(seq_len, padded_len)]).to(device)
+
+    def reordered_local_window(b, h, q_idx, kv_idx):
+        return base(b, h, lookup[q_idx], lookup[kv_idx])
+
+    reordered_local_window.__name__ = f"{base.__name__}_reordered"
+    return reordered_local_window
+
+
 def generate_tiled_local_window_mask(
     grid_h: int,
     grid_w: int,
@@ -93,21 +118,11 @@ def generate_tiled_local_window_mask(
     tile: int = 4,
     device: torch.device | str = "cpu",
 ) -> MaskMod:
-    """``generate_local_window_mask`` in the index space of ``tiled_token_order``.
-
-    Looks up each index's row-major position; the table is padded past the sequence end because
-    block masks evaluate the mask on indices rounded up to the block size."""
-    base = generate_local_window_mask(grid_h, grid_w, window_radius, dilation, num_prefix_tokens)
+    """``generate_local_window_mask`` in the index space of ``tiled_token_order``."""
     order = tiled_token_order(grid_h, grid_w, tile, num_prefix_tokens)
-    seq_len = order.numel()
-    padded_len = -(-seq_len // 128) * 128 + 128
-    lookup = torch.cat([order, torch.arange(seq_len, padded_len)]).to(device)
-
-    def tiled_local_window(b, h, q_idx, kv_idx):
-        return base(b, h, lookup[q_idx], lookup[kv_idx])
-
-    tiled_local_window.__name__ = f"{base.__name__}_tile{tile}"
-    return tiled_local_window
+    return generate_reordered_local_window_mask(
+        grid_h, grid_w, window_radius, dilation, num_prefix_tokens, order, device
+    )
 
 
 def default_block_size(device: torch.device) -> int:

@@ -180,8 +180,6 @@ class EquiFlexEncoder(nn.Module):
         flex_token_layout: str = "auto",
     ) -> None:
         super().__init__()
-        if flex_token_layout != "auto":
-            parse_token_layout(flex_token_layout)
         if patch_embed not in PATCH_EMBEDS:
             raise ValueError(f"unknown patch_embed {patch_embed!r}; choose one of {', '.join(PATCH_EMBEDS)}")
         if alternate_dilation and window_dilation < 2:
@@ -204,7 +202,7 @@ class EquiFlexEncoder(nn.Module):
         self.group = group
         self.group_pooling = group_pooling
         self.attention_backend = attention_backend
-        self.flex_token_layout = flex_token_layout
+        self.set_flex_token_layout(flex_token_layout)
         self.elements = group_elements(group)
         self.pos_embed_grid = tuple(pos_embed_grid)
         self.num_register_tokens = num_register_tokens
@@ -293,6 +291,11 @@ class EquiFlexEncoder(nn.Module):
         if not self.alternate_dilation:
             return [self.window_dilation] * n_local
         return [self.window_dilation if i % 2 else 1 for i in range(n_local)]
+
+    def set_flex_token_layout(self, layout: str) -> None:
+        if layout != "auto":
+            parse_token_layout(layout)  # raises, naming the choices
+        self.flex_token_layout = layout
 
     def local_token_layout(self, device: torch.device, needs_grad: bool) -> tuple[str, int | None]:
         """The local stage's attention backend and, for flex, its tile size (None: row-major)."""

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from nnunet_equiflex.attention import parse_token_layout
 from nnunet_equiflex.decoder import LightDecoder
 from nnunet_equiflex.encoder import EquiFlexEncoder
 
@@ -160,9 +159,7 @@ class EquiFlexFormer(nn.Module):
         self.encoder.attention_backend = backend
 
     def set_flex_token_layout(self, layout: str) -> None:
-        if layout != "auto":
-            parse_token_layout(layout)
-        self.encoder.flex_token_layout = layout
+        self.encoder.set_flex_token_layout(layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4:
