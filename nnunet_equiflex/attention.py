@@ -1,15 +1,20 @@
-"""Local-window attention masks and the two backends that consume them.
+"""Local-window attention masks and the backends that consume them.
 
 A mask is a pure function ``mask_mod(b, h, q_idx, kv_idx) -> bool`` made by a ``generate_*``
-factory that closes over the token geometry. The same function drives both backends:
+factory that closes over the token geometry. The same window drives every backend:
 
 - ``flex``: PyTorch FlexAttention with a ``BlockMask`` built once per geometry and device and
   cached, called through ``torch.compile`` (uncompiled flex materialises the full score
   matrix). Has no backward on CPU.
 - ``sdpa``: ``F.scaled_dot_product_attention`` with a dense boolean mask evaluated from the
-  same function (cached likewise). Works everywhere, with gradients.
+  same function (cached likewise). Works everywhere, with gradients; cost quadratic in the tokens.
+- ``window``: each grid query attends only to the keys of its own window plus the prefix
+  tokens, one shifted copy of the key grid per window offset (``window_attention``), called
+  through ``torch.compile`` (which fuses the offsets into one loop). Cost linear in the tokens,
+  with gradients everywhere; the same (query, key) pairs as the mask, so the same function.
 
-``auto`` picks flex on CUDA and for CPU inference, sdpa where CPU needs gradients.
+``auto`` picks flex on CUDA and window on CPU (training and inference; measured fastest there,
+``benchmarks/bench_attention.py``).
 
 Token layouts (flex only): the grid tokens may be stored tile by tile instead of row-major
 (``tiled_token_order``: ``t x t`` tiles, prefix tokens moved to the end) with the same mask
@@ -25,12 +30,17 @@ until a GPU measurement says otherwise.
 from __future__ import annotations
 
 import functools
+import logging
+import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-ATTENTION_BACKENDS = ("auto", "flex", "sdpa")
+logger = logging.getLogger(__name__)
+
+ATTENTION_BACKENDS = ("auto", "flex", "sdpa", "window")
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -191,22 +201,155 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def resolve_backend(backend: str, device: torch.device, needs_grad: bool) -> str:
-    """Turn ``auto`` into a concrete backend; reject flex where it cannot run."""
+def check_backend(backend: str) -> str:
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
-    cpu_training = device.type != "cuda" and needs_grad
+    return backend
+
+
+def resolve_backend(backend: str, device: torch.device, needs_grad: bool) -> str:
+    """Turn ``auto`` into a concrete backend; reject flex where it cannot run."""
+    check_backend(backend)
     if backend == "auto":
-        return "sdpa" if cpu_training else "flex"
-    if backend == "flex" and cpu_training:
+        return "flex" if device.type == "cuda" else "window"
+    if backend == "flex" and device.type != "cuda" and needs_grad:
         raise RuntimeError(
             "attention_backend='flex' cannot compute gradients on CPU (FlexAttention has no CPU "
-            "backward); use attention_backend='sdpa' or 'auto' for CPU training, or run on CUDA"
+            "backward); use attention_backend='window', 'sdpa' or 'auto' for CPU training, or run on CUDA"
         )
     return backend
 
 
-LocalMask = torch.Tensor | object  # a dense bool mask (sdpa) or a flex BlockMask
+# ---------------------------------------------------------------------------------------------------------------
+# window: linear-cost local attention
+
+
+def window_offsets(window_radius: int, dilation: int) -> list[tuple[int, int]]:
+    """The window's (dy, dx) offsets, row-major: ``dilation * (-r..r)`` in both axes."""
+    steps = [dilation * i for i in range(-window_radius, window_radius + 1)]
+    return [(dy, dx) for dy in steps for dx in steps]
+
+
+def window_key_bias(grid_h: int, grid_w: int, window_radius: int, dilation: int) -> torch.Tensor:
+    """``(h*w, K)``: 0 where query ``(y, x)``'s window offset ``k`` lands inside the grid, -inf outside."""
+    ys, xs = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    columns = []
+    for dy, dx in window_offsets(window_radius, dilation):
+        inside = (ys + dy >= 0) & (ys + dy < grid_h) & (xs + dx >= 0) & (xs + dx < grid_w)
+        columns.append(torch.where(inside, 0.0, float("-inf")))
+    return torch.stack(columns, dim=-1).flatten(0, 1)
+
+
+def window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_bias: torch.Tensor,
+    grid_h: int,
+    grid_w: int,
+    window_radius: int,
+    dilation: int,
+    num_prefix_tokens: int,
+) -> torch.Tensor:
+    """Local-window attention from the window's keys only (prefix tokens first, grid row-major).
+
+    Grid query ``(y, x)`` scores the keys at ``(y + dy, x + dx)`` for the window offsets (a shifted
+    view of the zero-padded key grid per offset; ``key_bias`` removes those outside the grid) and
+    the prefix keys, in one softmax; prefix queries attend to every token. Exactly the pairs of
+    ``generate_local_window_mask``, so the result equals masked SDPA; the work is
+    ``(K + prefix)`` keys per query instead of the whole sequence."""
+    b, heads, seq, dim = q.shape
+    p, pad = num_prefix_tokens, window_radius * dilation
+    offsets = window_offsets(window_radius, dilation)
+
+    def grid_of(t: torch.Tensor) -> torch.Tensor:
+        return t[:, :, p:].reshape(b * heads, grid_h, grid_w, dim)
+
+    query = grid_of(q) * dim**-0.5
+    keys = F.pad(grid_of(k), (0, 0, pad, pad, pad, pad))
+    values = F.pad(grid_of(v), (0, 0, pad, pad, pad, pad))
+
+    def shifted(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+        return t[:, pad + dy : pad + dy + grid_h, pad + dx : pad + dx + grid_w]
+
+    local_scores = torch.stack([(query * shifted(keys, dy, dx)).sum(-1) for dy, dx in offsets], dim=-1)
+    prefix_k = k[:, :, :p].reshape(b * heads, p, dim)
+    prefix_v = v[:, :, :p].reshape(b * heads, p, dim)
+    prefix_scores = query.flatten(1, 2) @ prefix_k.transpose(1, 2)  # (b*heads, h*w, p)
+    weights = torch.cat([local_scores.flatten(1, 2) + key_bias, prefix_scores], dim=-1).softmax(dim=-1)
+    local_weights = weights[..., : len(offsets)].reshape(b * heads, grid_h, grid_w, len(offsets))
+    out = sum(local_weights[..., i, None] * shifted(values, dy, dx) for i, (dy, dx) in enumerate(offsets))
+    out = out.flatten(1, 2) + weights[..., len(offsets) :] @ prefix_v
+    prefix_out = F.scaled_dot_product_attention(q[:, :, :p], k, v)
+    return torch.cat([prefix_out, out.reshape(b, heads, grid_h * grid_w, dim)], dim=2)
+
+
+@dataclass(frozen=True, eq=False)
+class WindowMask:
+    """What the window backend needs of one geometry: the grid, the window, the border bias and,
+    for a tiled token order, the permutations to row-major (``to_row``) and back (``from_row``)."""
+
+    grid: tuple[int, int]
+    window_radius: int
+    dilation: int
+    num_prefix_tokens: int
+    key_bias: torch.Tensor
+    to_row: torch.Tensor | None = None
+    from_row: torch.Tensor | None = None
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_window_mask(geometry: tuple, device: torch.device, tile: int | None = None) -> WindowMask:
+    grid_h, grid_w, radius, dilation, prefix = geometry
+    bias = window_key_bias(grid_h, grid_w, radius, dilation).to(device)
+    to_row = from_row = None
+    if tile is not None:  # layout index -> row-major index and back
+        order = tiled_token_order(grid_h, grid_w, tile, prefix)
+        to_row, from_row = torch.argsort(order).to(device), order.to(device)
+    return WindowMask((grid_h, grid_w), radius, dilation, prefix, bias, to_row, from_row)
+
+
+WINDOW_COMPILE_ENV = "EQUIFLEX_WINDOW_COMPILE"
+
+
+class _CompiledOrEager:
+    """``torch.compile(fn)``, falling back to ``fn`` itself (with one warning) if compiling fails,
+    for example without a C++ compiler; inside a caller's compiled graph ``fn`` is traced as is.
+
+    ``EQUIFLEX_WINDOW_COMPILE=0`` skips compiling: no compile wait (about 20-40 s per input shape
+    on 2 CPU cores), slower calls. The tests use it for their many tiny shapes."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        self.compiled: Callable | None = None
+        self.failed = False
+
+    def __call__(self, *args):
+        if self.failed or torch.compiler.is_compiling() or os.environ.get(WINDOW_COMPILE_ENV, "1") == "0":
+            return self.fn(*args)
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, dynamic=False)
+        try:
+            return self.compiled(*args)
+        except Exception as error:  # a compiler failure; the eager function is the same math
+            result = self.fn(*args)  # an error of the inputs themselves raises here, as it would uncompiled
+            self.failed = True
+            logger.warning("torch.compile of %s failed (%s); using it uncompiled", self.fn.__name__, error)
+            return result
+
+
+_window_attention = _CompiledOrEager(window_attention)
+
+
+def attend_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: WindowMask) -> torch.Tensor:
+    if mask.to_row is not None:
+        q, k, v = q[:, :, mask.to_row], k[:, :, mask.to_row], v[:, :, mask.to_row]
+    geometry = (*mask.grid, mask.window_radius, mask.dilation, mask.num_prefix_tokens)
+    out = _window_attention(q, k, v, mask.key_bias, *geometry)
+    return out if mask.from_row is None else out[:, :, mask.from_row]
+
+
+LocalMask = torch.Tensor | WindowMask | object  # a dense bool mask (sdpa), a WindowMask or a flex BlockMask
 
 
 @torch.compiler.disable
@@ -220,7 +363,8 @@ def local_attention_mask(
     device: torch.device,
 ) -> LocalMask:
     """The cached mask of one geometry for a concrete ``backend``: a dense bool mask for sdpa, a
-    ``BlockMask`` for flex (blocks of ``tile * tile`` tokens on CPU when tiled).
+    ``WindowMask`` for window, a ``BlockMask`` for flex (blocks of ``tile * tile`` tokens on CPU
+    when tiled).
 
     Kept out of ``torch.compile``: when a caller compiles the whole network (nnU-Net does on
     CUDA), the mask is still built once and looked up, not traced into the graph and rebuilt on
@@ -228,6 +372,8 @@ def local_attention_mask(
     geometry = (grid[0], grid[1], window_radius, dilation, num_prefix_tokens)
     if backend == "sdpa":
         return _cached_dense_mask(geometry, device, tile)
+    if backend == "window":
+        return _cached_window_mask(geometry, device, tile)
     block_size = default_block_size(device)
     if tile is not None:  # one tile per block on CPU; on CUDA whole tiles per kernel-sized block
         block_size = tile * tile if device.type != "cuda" else -(-tile * tile // block_size) * block_size
@@ -238,6 +384,8 @@ def attend_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: LocalM
     """Attention under a mask from ``local_attention_mask`` (its type picks the backend)."""
     if isinstance(mask, torch.Tensor):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if isinstance(mask, WindowMask):
+        return attend_window(q, k, v, mask)
     if torch.compiler.is_compiling():  # inside a caller's compiled graph: dynamo handles flex itself
         from torch.nn.attention.flex_attention import flex_attention
 

@@ -1,17 +1,29 @@
-"""The EquiFlexFormer encoder: patch embedding, lifting over a symmetry group, local attention.
+"""The EquiFlexFormer encoder: patch embedding, lifting over a symmetry group, global and local blocks.
 
 Forward pass for ``x`` of shape ``(B, C, H, W)``:
 
 1. Lifting: the ``|G|`` transformed copies ``g(x)`` are batched into one pass of batch
    ``|G| * B``; each gets patch embedding, position embedding, a CLS token and the first
-   ``n_lifted_blocks`` blocks with global attention.
+   ``n_lifted_blocks`` blocks.
 2. Each copy's token grid is mapped back with ``g^-1`` and the copies are pooled over ``G``
    (max or mean; CLS tokens too). Writing ``L`` for step 1 on one copy,
    ``E(x) = pool_g g^-1 L(g x)`` and for any ``h`` in ``G``
    ``E(h x) = pool_g g^-1 L(g h x) = h pool_g' g'^-1 L(g' x) = h E(x)`` (substituting
    ``g' = g h``), whatever ``L`` computes, position embeddings included.
-3. The remaining blocks use local attention over a symmetric ``(2r+1) x (2r+1)`` window plus
-   CLS and add no position information, so they commute with every element of ``G``.
+3. The remaining blocks add no position information, so the pooled tokens move with the image:
+   ``T(h x) = h . T(x)``. Global attention commutes with any permutation of its tokens, and local
+   attention over a symmetric ``(2r+1) x (2r+1)`` window (plus CLS) with the flips and
+   transposes of the grid, so every block there commutes with every element of ``G``.
+
+Global or local is a choice per block index, independent of the lifting: the first
+``n_global_blocks`` blocks attend globally, the rest locally (default: the lifted blocks are
+the global ones). The reference method's own run (FlipModel0) lifts no block, pools by the mean
+and makes blocks 0-1 global; FlipModel1/2/4 lift that many blocks and pool by the max.
+
+With mean pooling and no lifted block the lifting is linear: ``mean_g g^-1 (embed(g x) + pos)``
+is one embedding with the filter averaged over ``G`` plus the position embedding averaged over
+``G``. The encoder then computes it that way (``fold_linear_lifting``, on by default): one
+embedding instead of ``|G|``, the same function.
 
 Options from the neighbouring equivariant ViTs (none changes the argument above):
 ``patch_embed="gmr"`` replaces the linear ``p x p`` projection by Gaussian-Mixture-Ring
@@ -36,116 +48,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nnunet_equiflex.attention import (
-    LocalMask,
-    attend_local,
     cached_tiled_token_order,
+    check_backend,
     default_token_layout,
     local_attention_mask,
     parse_token_layout,
     resolve_backend,
 )
+from nnunet_equiflex.blocks import Block, PatchEmbed, init_weights
 from nnunet_equiflex.gmr import GMRPatchEmbed
 from nnunet_equiflex.groups import check_grid_supported, group_elements
 
 POOLINGS = ("max", "mean")
 PATCH_EMBEDS = ("linear", "gmr")
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping ``p x p`` patches projected to ``embed_dim`` (a strided convolution)."""
-
-    def __init__(self, in_channels: int, embed_dim: int, patch_size: int) -> None:
-        super().__init__()
-        self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, h*w, D)
-
-
-class LayerScale(nn.Module):
-    """Per-channel scale of a residual branch (CaiT/DINOv2); ``gamma`` as in timm."""
-
-    def __init__(self, dim: int, init_value: float) -> None:
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention; global, or local on a token grid when ``grid`` is given."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, mask: LocalMask | None = None) -> torch.Tensor:
-        """Global attention, or local attention under ``mask`` (from ``local_attention_mask``)."""
-        b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v) if mask is None else attend_local(q, k, v, mask)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample while training."""
-
-    def __init__(self, drop_prob: float = 0.0) -> None:
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block (timm layout), with optional LayerScale."""
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float,
-        qkv_bias: bool,
-        drop_path: float,
-        norm_eps: float,
-        layer_scale_init: float | None = None,
-    ) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias)
-        self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
-        self.drop_path1 = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
-        self.drop_path2 = DropPath(drop_path)
-
-    def forward(self, x: torch.Tensor, mask: LocalMask | None = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), mask)))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 class EquiFlexEncoder(nn.Module):
@@ -178,35 +93,30 @@ class EquiFlexEncoder(nn.Module):
         gmr_strides: tuple[int, ...] | list[int] | None = None,
         alternate_dilation: bool = False,
         flex_token_layout: str = "auto",
+        n_global_blocks: int | None = None,
     ) -> None:
         super().__init__()
-        if patch_embed not in PATCH_EMBEDS:
-            raise ValueError(f"unknown patch_embed {patch_embed!r}; choose one of {', '.join(PATCH_EMBEDS)}")
-        if alternate_dilation and window_dilation < 2:
-            raise ValueError(
-                "alternate_dilation=True alternates dense and dilated local blocks, so it needs window_dilation >= 2 "
-                f"(got {window_dilation})"
-            )
-        if num_register_tokens < 0:
-            raise ValueError(f"num_register_tokens must be >= 0, got {num_register_tokens}")
-        if not 0 <= n_lifted_blocks <= depth:
-            raise ValueError(f"n_lifted_blocks must lie in 0..depth ({depth}), got {n_lifted_blocks}")
-        if group_pooling not in POOLINGS:
-            raise ValueError(f"unknown group_pooling {group_pooling!r}; choose one of {', '.join(POOLINGS)}")
+        n_global_blocks = n_lifted_blocks if n_global_blocks is None else n_global_blocks
+        _check_encoder_settings(
+            depth, n_lifted_blocks, n_global_blocks, group_pooling, patch_embed, window_dilation,
+            alternate_dilation, num_register_tokens,
+        )  # fmt: skip
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.n_lifted_blocks = n_lifted_blocks
+        self.n_global_blocks = n_global_blocks
         self.window_radius = window_radius
         self.window_dilation = window_dilation
         self.alternate_dilation = alternate_dilation
         self.group = group
         self.group_pooling = group_pooling
-        self.attention_backend = attention_backend
+        self.attention_backend = check_backend(attention_backend)
         self.set_flex_token_layout(flex_token_layout)
         self.elements = group_elements(group)
         self.pos_embed_grid = tuple(pos_embed_grid)
         self.num_register_tokens = num_register_tokens
         self.num_prefix_tokens = 1 + num_register_tokens  # CLS, then the registers
+        self.fold_linear_lifting = True  # the same function either way; False runs the |G| copies explicitly
 
         if patch_embed == "gmr":
             self.patch_embed = GMRPatchEmbed(
@@ -227,7 +137,9 @@ class EquiFlexEncoder(nn.Module):
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.reg_token is not None:
             nn.init.normal_(self.reg_token, std=1e-6)
-        self.apply(_init_weights)
+        self.apply(init_weights)
+
+    # -- embedding ------------------------------------------------------------------------------------------
 
     def token_grid(self, height: int, width: int) -> tuple[int, int]:
         p = self.patch_size
@@ -251,43 +163,72 @@ class EquiFlexEncoder(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
-        return self.add_prefix_and_position(self.patch_embed(x), grid)
+        return self.add_prefix_and_position(self.patch_embed(x), self.interpolated_pos_embed(grid))
 
-    def add_prefix_and_position(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Patch tokens ``(B, h*w, D)`` -> CLS, registers and patches with position embedding."""
+    def add_prefix_and_position(self, tokens: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
+        """Patch tokens ``(B, h*w, D)`` -> CLS, registers and patches, plus ``pos_embed`` (CLS first)."""
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
-        tokens = torch.cat([cls, tokens], dim=1) + self.interpolated_pos_embed(grid)
+        tokens = torch.cat([cls, tokens], dim=1) + pos_embed
         if self.reg_token is None:
             return tokens
         registers = self.reg_token.expand(tokens.shape[0], -1, -1)
         return torch.cat([tokens[:, :1], registers, tokens[:, 1:]], dim=1)
 
+    # -- lifting and pooling --------------------------------------------------------------------------------
+
+    @property
+    def lifting_is_linear(self) -> bool:
+        """Mean pooling with no lifted block: the lifting is one linear map (see the module docstring)."""
+        return self.group_pooling == "mean" and self.n_lifted_blocks == 0 and len(self.elements) > 1
+
     def lift_and_pool(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Steps 1 and 2: the lifted blocks on all ``g(x)`` in one batch, then ``pool_g g^-1``."""
-        batch = x.shape[0]
+        if self.fold_linear_lifting and self.lifting_is_linear:
+            return self.folded_lifting(x, grid)
+        tokens = self.embed_copies(x, grid)
+        tokens = self.run_blocks(tokens, grid, 0, self.n_lifted_blocks)
+        return self.pool(tokens, x.shape[0], grid)
+
+    def embed_copies(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Embedded tokens of every ``g(x)``, stacked along the batch in the order of ``elements``."""
         # All copies have x's shape (D4 is only allowed on squares), so they share one pass.
         if isinstance(self.patch_embed, GMRPatchEmbed):
             # GMR commutes with D4: P(g x) = g P(x), so embed once and move the tokens (|G| times cheaper).
             patches = self.patch_embed(x)
             moved = torch.cat([g.apply_to_tokens(patches, grid) for g in self.elements], dim=0)
-            tokens = self.add_prefix_and_position(moved, grid)
-        else:
-            tokens = self.embed(torch.cat([g.apply(x) for g in self.elements], dim=0))
-        for block in self.blocks[: self.n_lifted_blocks]:
-            tokens = block(tokens)
-        per_element = tokens.split(batch, dim=0)
+            return self.add_prefix_and_position(moved, self.interpolated_pos_embed(grid))
+        return self.embed(torch.cat([g.apply(x) for g in self.elements], dim=0))
+
+    def pool(self, tokens: torch.Tensor, batch: int, grid: tuple[int, int]) -> torch.Tensor:
+        """``pool_g g^-1`` over the copies stacked along the batch."""
         prefix = self.num_prefix_tokens
         aligned = []
-        for g, t in zip(self.elements, per_element):
-            g_grid = g.maps_grid(grid)
-            patches = g.inverse().apply_to_tokens(t[:, prefix:], g_grid)
+        for g, t in zip(self.elements, tokens.split(batch, dim=0)):
+            patches = g.inverse().apply_to_tokens(t[:, prefix:], g.maps_grid(grid))
             aligned.append(torch.cat([t[:, :prefix], patches], dim=1))
         stacked = torch.stack(aligned, dim=0)
         return stacked.amax(dim=0) if self.group_pooling == "max" else stacked.mean(dim=0)
 
+    def folded_lifting(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The linear lifting in one pass: group-averaged filter and position embedding.
+
+        ``mean_g g^-1 embed(g x)`` is the embedding with the filter averaged over ``G`` (GMR
+        already commutes with ``G``), and ``mean_g g^-1 pos`` is the position embedding averaged
+        over the grid's images under ``G`` (the group is closed under inverses, so averaging
+        ``g`` or ``g^-1`` is the same); CLS and registers are the same in every copy."""
+        if isinstance(self.patch_embed, GMRPatchEmbed):
+            patches = self.patch_embed(x)
+        else:
+            patches = self.patch_embed.forward_symmetrised(x, self.elements)
+        pos = self.interpolated_pos_embed(grid)
+        patch_pos = torch.stack([g.apply_to_tokens(pos[:, 1:], grid) for g in self.elements]).mean(dim=0)
+        return self.add_prefix_and_position(patches, torch.cat([pos[:, :1], patch_pos], dim=1))
+
+    # -- blocks ---------------------------------------------------------------------------------------------
+
     def local_dilations(self) -> list[int]:
         """Window dilation of each local block: all ``window_dilation``, or dense/dilated alternating."""
-        n_local = len(self.blocks) - self.n_lifted_blocks
+        n_local = len(self.blocks) - self.n_global_blocks
         if not self.alternate_dilation:
             return [self.window_dilation] * n_local
         return [self.window_dilation if i % 2 else 1 for i in range(n_local)]
@@ -298,24 +239,29 @@ class EquiFlexEncoder(nn.Module):
         self.flex_token_layout = layout
 
     def local_token_layout(self, device: torch.device, needs_grad: bool) -> tuple[str, int | None]:
-        """The local stage's attention backend and, for flex, its tile size (None: row-major)."""
+        """The local blocks' attention backend and, for flex, its tile size (None: row-major)."""
         backend = resolve_backend(self.attention_backend, device, needs_grad)
         if backend != "flex":
             return backend, None
         layout = self.flex_token_layout
         return backend, parse_token_layout(default_token_layout(device) if layout == "auto" else layout)
 
-    def forward_local(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Step 3: the local-attention blocks on pooled tokens ``(B, prefix + h*w, D)``.
+    def run_blocks(self, tokens: torch.Tensor, grid: tuple[int, int], start: int, stop: int) -> torch.Tensor:
+        """Blocks ``start..stop-1`` on tokens ``(N, prefix + h*w, D)``: global ones, then local ones."""
+        split = min(max(self.n_global_blocks, start), stop)
+        for block in self.blocks[start:split]:
+            tokens = block(tokens)
+        return self.run_local_blocks(tokens, grid, split, stop) if split < stop else tokens
+
+    def run_local_blocks(self, tokens: torch.Tensor, grid: tuple[int, int], start: int, stop: int) -> torch.Tensor:
+        """Local blocks ``start..stop-1``, with one mask per dilation looked up once.
 
         With a tiled flex layout the tokens are permuted once into tile order, go through every
-        local block in that order (the blocks act per token except for attention, whose mask is
-        expressed in the same order) and are permuted back: the same function, cheaper blocks."""
-        if self.n_lifted_blocks == len(self.blocks):
-            return tokens
+        block of the run in that order (the blocks act per token except for attention, whose mask
+        is expressed in the same order) and are permuted back: the same function, cheaper blocks."""
         needs_grad = torch.is_grad_enabled() and tokens.requires_grad
         backend, tile = self.local_token_layout(tokens.device, needs_grad)
-        dilations = self.local_dilations()
+        dilations = self.local_dilations()[start - self.n_global_blocks : stop - self.n_global_blocks]
         masks = {
             d: local_attention_mask(grid, self.window_radius, d, self.num_prefix_tokens, backend, tile, tokens.device)
             for d in sorted(set(dilations))
@@ -323,24 +269,45 @@ class EquiFlexEncoder(nn.Module):
         if tile is not None:
             order, inverse = cached_tiled_token_order(*grid, tile, self.num_prefix_tokens, tokens.device)
             tokens = tokens[:, order]
-        for block, dilation in zip(self.blocks[self.n_lifted_blocks :], dilations):
+        for block, dilation in zip(self.blocks[start:stop], dilations):
             tokens = block(tokens, masks[dilation])
         return tokens if tile is None else tokens[:, inverse]
+
+    def forward_after_pooling(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Step 3: the blocks after the lifting, on pooled tokens ``(B, prefix + h*w, D)``."""
+        return self.run_blocks(tokens, grid, self.n_lifted_blocks, len(self.blocks))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Return normalised tokens ``(B, 1 + h*w, D)`` (CLS first) and the token grid ``(h, w)``."""
         grid = self.token_grid(x.shape[-2], x.shape[-1])
-        tokens = self.norm(self.forward_local(self.lift_and_pool(x, grid), grid))
+        tokens = self.norm(self.forward_after_pooling(self.lift_and_pool(x, grid), grid))
         if self.num_register_tokens:
             tokens = torch.cat([tokens[:, :1], tokens[:, self.num_prefix_tokens :]], dim=1)
         return tokens, grid
 
 
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
+def _check_encoder_settings(
+    depth: int,
+    n_lifted_blocks: int,
+    n_global_blocks: int,
+    group_pooling: str,
+    patch_embed: str,
+    window_dilation: int,
+    alternate_dilation: bool,
+    num_register_tokens: int,
+) -> None:
+    if patch_embed not in PATCH_EMBEDS:
+        raise ValueError(f"unknown patch_embed {patch_embed!r}; choose one of {', '.join(PATCH_EMBEDS)}")
+    if alternate_dilation and window_dilation < 2:
+        raise ValueError(
+            "alternate_dilation=True alternates dense and dilated local blocks, so it needs window_dilation >= 2 "
+            f"(got {window_dilation})"
+        )
+    if num_register_tokens < 0:
+        raise ValueError(f"num_register_tokens must be >= 0, got {num_register_tokens}")
+    if not 0 <= n_lifted_blocks <= depth:
+        raise ValueError(f"n_lifted_blocks must lie in 0..depth ({depth}), got {n_lifted_blocks}")
+    if not 0 <= n_global_blocks <= depth:
+        raise ValueError(f"n_global_blocks must lie in 0..depth ({depth}), got {n_global_blocks}")
+    if group_pooling not in POOLINGS:
+        raise ValueError(f"unknown group_pooling {group_pooling!r}; choose one of {', '.join(POOLINGS)}")

@@ -14,25 +14,37 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from nnunet_equiflex.attention import check_backend
 from nnunet_equiflex.decoder import LightDecoder
 from nnunet_equiflex.encoder import EquiFlexEncoder
 
+# DINO ViT-S/8 shape (the reference method's backbone); native position grid 28x28 (224 px).
+_VIT_S8 = dict(
+    patch_size=8,
+    embed_dim=384,
+    depth=12,
+    num_heads=6,
+    mlp_ratio=4.0,
+    qkv_bias=True,
+    norm_eps=1e-6,
+    window_radius=2,
+    group="d2",
+    pos_embed_grid=(28, 28),
+)
+# The reference's variants (FlipModelK of "Look, No Convs!"): K lifted blocks, blocks 0-1 global, the rest local.
+_FLIP_MODEL_0 = dict(n_lifted_blocks=0, group_pooling="mean", n_global_blocks=2)  # its own training run
+
 PRESETS: dict[str, dict[str, Any]] = {
-    # DINO ViT-S/8 shape (the reference method's backbone); native position grid 28x28 (224 px).
-    "vit_s8": dict(
-        patch_size=8,
-        embed_dim=384,
-        depth=12,
-        num_heads=6,
-        mlp_ratio=4.0,
-        qkv_bias=True,
-        norm_eps=1e-6,
-        n_lifted_blocks=4,
-        window_radius=2,
-        group="d2",
-        group_pooling="max",
-        pos_embed_grid=(28, 28),
-    ),
+    # 4 lifted blocks, all global, max pooling (the first release's default).
+    "vit_s8": dict(_VIT_S8, n_lifted_blocks=4, group_pooling="max"),
+    # FlipModel0: lifting of the embedding only (mean, folded into one pass at no cost), 2 global blocks.
+    "vit_s8_flip0": dict(_VIT_S8, **_FLIP_MODEL_0),
+    # FlipModel2: 2 lifted (global) blocks, max pooling, the rest local.
+    "vit_s8_flip2": dict(_VIT_S8, n_lifted_blocks=2, group_pooling="max", n_global_blocks=2),
+    # FlipModel4 as its paper means it: 4 lifted blocks (0-1 global, 2-3 local), max pooling.
+    "vit_s8_flip4": dict(_VIT_S8, n_lifted_blocks=4, group_pooling="max", n_global_blocks=2),
+    # ViT-Ti/8 shape (192 wide, 3 heads) with FlipModel0's lifting: a quarter of ViT-S's linear-layer cost.
+    "vit_ti8": dict(_VIT_S8, embed_dim=192, num_heads=3, **_FLIP_MODEL_0),
     # Trains in seconds on a CPU; for tests, demos and CPU smoke runs.
     "tiny": dict(
         patch_size=4,
@@ -61,13 +73,15 @@ class EquiFlexFormer(nn.Module):
         num_classes: output channels (logits, background included).
         patch_size: token size p; inputs must have H and W divisible by p.
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias, norm_eps: ViT shape.
-        n_lifted_blocks: blocks run on all |G| transformed copies with global attention (0..depth).
+        n_lifted_blocks: blocks run on all |G| transformed copies before the pooling (0..depth).
+        n_global_blocks: the first this many blocks attend globally, the rest locally, lifted or not
+            (0..depth); None: the lifted blocks are the global ones.
         window_radius: r of the (2r+1) x (2r+1) local window of the remaining blocks.
         window_dilation: spacing of the window's tokens (1 = dense).
         group: "none" (plain ViT), "d2" (flips) or "d4" (flips and 90-degree rotations, square inputs).
         group_pooling: "max" or "mean" over the group after the lifting.
         drop_path_rate: stochastic depth, linearly increasing over the blocks.
-        attention_backend: "auto", "flex" or "sdpa" for the local blocks.
+        attention_backend: "auto", "flex", "sdpa" or "window" for the local blocks.
         pos_embed_grid: native token grid of the learned position embedding (interpolated as needed).
         refine: add the equivariant full-resolution refinement after upsampling.
         refine_dim: channels of that refinement.
@@ -115,6 +129,7 @@ class EquiFlexFormer(nn.Module):
         gmr_strides: tuple[int, ...] | list[int] | None = None,
         alternate_dilation: bool = False,
         flex_token_layout: str = "auto",
+        n_global_blocks: int | None = None,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -146,6 +161,7 @@ class EquiFlexFormer(nn.Module):
             gmr_strides=None if gmr_strides is None else tuple(gmr_strides),
             alternate_dilation=alternate_dilation,
             flex_token_layout=flex_token_layout,
+            n_global_blocks=n_global_blocks,
         )
         self.decoder = LightDecoder(
             embed_dim, num_classes, patch_size, in_channels, refine=refine, refine_dim=refine_dim, group=group
@@ -156,7 +172,7 @@ class EquiFlexFormer(nn.Module):
         return cls(in_channels=in_channels, num_classes=num_classes, **preset_kwargs(name, **overrides))
 
     def set_attention_backend(self, backend: str) -> None:
-        self.encoder.attention_backend = backend
+        self.encoder.attention_backend = check_backend(backend)
 
     def set_flex_token_layout(self, layout: str) -> None:
         self.encoder.set_flex_token_layout(layout)

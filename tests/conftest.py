@@ -5,6 +5,15 @@ import torch
 
 # CI machines have 2 cores; keep intra-op threads bounded so parallel compile workers do not thrash.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The window attention compiles once per input shape (20-40 s on 2 cores); the tests use many tiny shapes, so
+# they run it uncompiled (the same math), also in the nnU-Net subprocesses they start. The tests of the compiled
+# path itself ask for it with the ``compiled_window`` fixture.
+os.environ["EQUIFLEX_WINDOW_COMPILE"] = "0"
+
+
+@pytest.fixture
+def compiled_window(monkeypatch):
+    monkeypatch.setenv("EQUIFLEX_WINDOW_COMPILE", "1")
 
 
 @pytest.fixture(autouse=True)

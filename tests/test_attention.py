@@ -13,7 +13,7 @@ from nnunet_equiflex.attention import (
     resolve_backend,
     tiled_token_order,
 )
-from nnunet_equiflex.encoder import Block
+from nnunet_equiflex.blocks import Block
 
 
 def brute_force_mask(grid_h, grid_w, radius, dilation=1):
@@ -56,15 +56,15 @@ def test_flex_and_sdpa_agree_on_the_network():
 
 def test_auto_backend_choice():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_backend("auto", cpu, needs_grad=True) == "sdpa"
-    assert resolve_backend("auto", cpu, needs_grad=False) == "flex"
+    assert resolve_backend("auto", cpu, needs_grad=True) == "window"
+    assert resolve_backend("auto", cpu, needs_grad=False) == "window"
     assert resolve_backend("auto", cuda, needs_grad=True) == "flex"
     assert resolve_backend("sdpa", cuda, needs_grad=False) == "sdpa"
 
 
 def test_flex_with_gradients_on_cpu_is_a_clear_error():
     net = tiny_network(attention_backend="flex").train()
-    with pytest.raises(RuntimeError, match="use attention_backend='sdpa' or 'auto'"):
+    with pytest.raises(RuntimeError, match="use attention_backend='window', 'sdpa' or 'auto'"):
         net(torch.randn(1, 2, 16, 16))
 
 
@@ -94,7 +94,7 @@ def test_local_stage_of_the_encoder_is_local():
     net = tiny_network(depth=2, n_lifted_blocks=1, window_radius=1)
     grid = (6, 6)
     tokens = torch.randn(1, 37, 64, requires_grad=True)
-    net.encoder.forward_local(tokens, grid)[0, 1 + 0].sum().backward()  # top-left corner token
+    net.encoder.forward_after_pooling(tokens, grid)[0, 1 + 0].sum().backward()  # top-left corner token
     grad = tokens.grad[0, 1:].abs().sum(-1).reshape(grid)
     assert torch.all(grad[2:, :] == 0) and torch.all(grad[:, 2:] == 0)
     assert torch.all(grad[:2, :2] > 0)
@@ -147,9 +147,11 @@ def test_network_output_is_the_same_in_every_token_layout(shape):
 
 def test_auto_token_layout_choice():
     net = tiny_network()
-    assert net.encoder.local_token_layout(torch.device("cpu"), needs_grad=False) == ("flex", 4)
-    assert net.encoder.local_token_layout(torch.device("cpu"), needs_grad=True) == ("sdpa", None)
+    assert net.encoder.local_token_layout(torch.device("cpu"), needs_grad=False) == ("window", None)
+    assert net.encoder.local_token_layout(torch.device("cpu"), needs_grad=True) == ("window", None)
     assert net.encoder.local_token_layout(torch.device("cuda"), needs_grad=True) == ("flex", None)
+    net.set_attention_backend("flex")
+    assert net.encoder.local_token_layout(torch.device("cpu"), needs_grad=False) == ("flex", 4)
     net.set_flex_token_layout("row")
     assert net.encoder.local_token_layout(torch.device("cpu"), needs_grad=False) == ("flex", None)
 
@@ -159,3 +161,81 @@ def test_unknown_token_layout_is_rejected():
         tiny_network(flex_token_layout="hilbert")
     with pytest.raises(ValueError, match="choose 'auto', 'row' or 'tileN'"):
         tiny_network().set_flex_token_layout("tile0")
+
+
+WINDOW_CASES = [
+    # grid, radius, dilation, prefix tokens, tile layout (None: row-major)
+    ((7, 9), 2, 1, 1, None),  # odd grid: every border and corner window is cut
+    ((5, 11), 1, 2, 3, None),  # dilation, CLS + 2 registers
+    ((9, 10), 2, 1, 2, 4),  # tiled layout with partial edge tiles, a register
+    ((6, 6), 3, 1, 1, 3),  # window wider than half the grid
+    ((13, 7), 2, 3, 1, 4),  # dilation reaching past the grid, tiled
+]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("grid,radius,dilation,prefix,tile", WINDOW_CASES)
+def test_window_backend_equals_sdpa_in_outputs_and_gradients(grid, radius, dilation, prefix, tile, compiled, request):
+    if compiled:
+        request.getfixturevalue("compiled_window")
+    seq = prefix + grid[0] * grid[1]
+    inputs = [torch.randn(2, 3, seq, 16, dtype=torch.float64).float().requires_grad_() for _ in range(3)]
+    upstream = torch.randn(2, 3, seq, 16)
+    results = {}
+    for backend in ("sdpa", "window"):
+        out = local_window_attention(*inputs, grid, radius, dilation, prefix, backend=backend, tile=tile)
+        grads = torch.autograd.grad(out, inputs, upstream)
+        results[backend] = (out, *grads)
+    for name, a, b in zip(("output", "dq", "dk", "dv"), results["sdpa"], results["window"]):
+        assert (a - b).abs().max().item() < 1e-5, name
+    if compiled:
+        from nnunet_equiflex.attention import _window_attention
+
+        assert _window_attention.compiled is not None and not _window_attention.failed
+
+
+def test_window_backend_computes_only_the_window():
+    """The work per query is the window plus the prefix, not the sequence: no (S x S) tensor."""
+    from nnunet_equiflex.attention import window_attention, window_key_bias
+
+    grid, seq = (20, 20), 1 + 400
+    q, k, v = (torch.randn(1, 2, seq, 8) for _ in range(3))
+    shapes = []
+
+    class Recorder(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                shapes.append(tuple(out.shape))
+            return out
+
+    with Recorder():
+        window_attention(q, k, v, window_key_bias(*grid, 2, 1), *grid, 2, 1, 1)
+    largest = max(torch.Size(s).numel() for s in shapes)
+    assert largest < seq * seq  # the biggest tensor is linear in the tokens
+    assert (1, 2, seq, seq) not in shapes
+
+
+def test_window_backend_falls_back_to_eager_when_compiling_fails(monkeypatch, caplog):
+    from nnunet_equiflex import attention
+
+    fallback = attention._CompiledOrEager(attention.window_attention)
+
+    def broken_compile(fn, **kwargs):
+        def raises(*args):
+            raise RuntimeError("no C++ compiler")
+
+        return raises
+
+    monkeypatch.setenv("EQUIFLEX_WINDOW_COMPILE", "1")
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(attention, "_window_attention", fallback)
+    grid, seq = (6, 5), 31
+    q, k, v = (torch.randn(1, 2, seq, 8) for _ in range(3))
+    with caplog.at_level("WARNING", logger="nnunet_equiflex.attention"):
+        out = local_window_attention(q, k, v, grid, 1, backend="window")
+        again = local_window_attention(q, k, v, grid, 1, backend="window")
+    reference = local_window_attention(q, k, v, grid, 1, backend="sdpa")
+    assert (out - reference).abs().max().item() < 1e-5 and torch.equal(out, again)
+    assert fallback.failed
+    assert sum("no C++ compiler" in r.getMessage() for r in caplog.records) == 1  # one line, not one per call

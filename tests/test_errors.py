@@ -39,7 +39,8 @@ def test_bad_settings(overrides, message):
 
 
 def test_unknown_preset():
-    with pytest.raises(ValueError, match="unknown preset 'vit_h14'; choose one of vit_s8, tiny"):
+    names = "vit_s8, vit_s8_flip0, vit_s8_flip2, vit_s8_flip4, vit_ti8, tiny"
+    with pytest.raises(ValueError, match=f"unknown preset 'vit_h14'; choose one of {names}"):
         preset_kwargs("vit_h14")
 
 

@@ -51,9 +51,10 @@ def test_the_recorder_sees_a_sync():
     assert rec.syncs == {"aten._local_scalar_dense", "aten.nonzero"}
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "window"])
 @pytest.mark.parametrize("group,lifted", [("d2", 2), ("d4", 1), ("none", 0)])
-def test_no_sync_in_forward_and_backward(group, lifted):
-    net = tiny_network(group=group, n_lifted_blocks=lifted, attention_backend="sdpa").train()
+def test_no_sync_in_forward_and_backward(group, lifted, backend):
+    net = tiny_network(group=group, n_lifted_blocks=lifted, attention_backend=backend).train()
     x = torch.randn(2, 2, 32, 32)
     target = torch.randint(0, 3, (2, 32, 32))
     # Warm the caches first: building a block or dense mask is a one-off host computation.
@@ -63,6 +64,16 @@ def test_no_sync_in_forward_and_backward(group, lifted):
         loss = torch.nn.functional.cross_entropy(net(x), target)
         loss.backward()
     assert "aten.addmm" in rec.seen or "aten.mm" in rec.seen  # the recorder did see the network
+    assert rec.syncs == set()
+
+
+def test_no_sync_in_the_folded_lifting():
+    net = tiny_network(n_lifted_blocks=0, group_pooling="mean", n_global_blocks=1).train()
+    x = torch.randn(2, 2, 32, 32)
+    net(x).sum().backward()
+    with RecordOps() as rec:
+        net(x).sum().backward()
+    assert "aten.convolution" in rec.seen
     assert rec.syncs == set()
 
 
@@ -80,6 +91,7 @@ def test_no_sync_in_refinement_decoder_and_gmr_embedding():
 def test_masks_are_built_once_per_grid():
     attention._cached_block_mask.cache_clear()
     attention._cached_dense_mask.cache_clear()
+    attention._cached_window_mask.cache_clear()
     net = tiny_network()
     x = torch.randn(1, 2, 32, 40)
     with torch.no_grad():
@@ -90,14 +102,19 @@ def test_masks_are_built_once_per_grid():
         net.set_attention_backend("sdpa")
         net(x)
         net(x)
+        net.set_attention_backend("window")
+        net(x)
+        net(x)
     # one lookup per forward pass (shared by all local blocks), one build per grid
     assert attention._cached_block_mask.cache_info().misses == 1
     assert attention._cached_block_mask.cache_info().hits == 2
     assert attention._cached_dense_mask.cache_info().misses == 1
     assert attention._cached_dense_mask.cache_info().hits == 1
+    assert attention._cached_window_mask.cache_info().misses == 1
+    assert attention._cached_window_mask.cache_info().hits == 1
     with torch.no_grad():
         net(torch.randn(1, 2, 40, 40))  # a new grid: one new mask
-    assert attention._cached_dense_mask.cache_info().misses == 2
+    assert attention._cached_window_mask.cache_info().misses == 2
 
 
 def test_whole_network_compile_looks_masks_up_instead_of_tracing_them():

@@ -1,0 +1,130 @@
+"""Transformer building blocks in timm's layout: patch embedding, attention, MLP, LayerScale,
+stochastic depth and the pre-norm block.
+
+Names follow timm's VisionTransformer (``patch_embed.proj``, ``attn.qkv``, ``mlp.fc1`` ...), so
+foreign checkpoints map by renaming. ``Attention`` is global, or local under a mask from
+``attention.local_attention_mask``; nothing here knows about groups or token grids.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nnunet_equiflex.attention import LocalMask, attend_local
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping ``p x p`` patches projected to ``embed_dim`` (a strided convolution)."""
+
+    def __init__(self, in_channels: int, embed_dim: int, patch_size: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, h*w, D)
+
+    def forward_symmetrised(self, x: torch.Tensor, elements) -> torch.Tensor:
+        """The embedding with its filter averaged over ``elements`` (objects with ``apply``, acting
+        on the filter's spatial axes as on an image): one pass that equals the mean over ``g`` of
+        ``g^-1 embed(g x)`` on the token grid."""
+        weight = torch.stack([g.apply(self.proj.weight) for g in elements]).mean(dim=0)
+        return F.conv2d(x, weight, self.proj.bias, stride=self.patch_size).flatten(2).transpose(1, 2)
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch (CaiT/DINOv2); ``gamma`` as in timm."""
+
+    def __init__(self, dim: int, init_value: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; global, or local on a token grid when ``grid`` is given."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, mask: LocalMask | None = None) -> torch.Tensor:
+        """Global attention, or local attention under ``mask`` (from ``local_attention_mask``)."""
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v) if mask is None else attend_local(q, k, v, mask)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample while training."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (timm layout), with optional LayerScale."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        drop_path: float,
+        norm_eps: float,
+        layer_scale_init: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
+        self.drop_path2 = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, mask: LocalMask | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), mask)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def init_weights(module: nn.Module) -> None:
+    """timm's initialisation of linear layers and LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
