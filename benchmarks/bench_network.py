@@ -1,4 +1,4 @@
-"""EquiFlexFormer (vit_s8, lifting 0/2/4 blocks, group d2 or none) vs nnU-Net's 2D PlainConvUNet.
+"""EquiFlexFormer presets vs nnU-Net's 2D PlainConvUNet, per patch: inference, training step, FLOPs.
 
 The CNN is built through nnU-Net's own code path (``get_network_from_plans``) from the
 architecture entry that nnU-Net's default planner computes for the patch (its
@@ -6,13 +6,16 @@ architecture entry that nnU-Net's default planner computes for the patch (its
 
 Per network, at the same patch and batch: inference time per patch (EquiFlex: 1 pass; CNN: 1
 pass and 4 passes = nnU-Net's 2D test-time mirroring), training-step time (forward + backward +
-AdamW step; CPU: EquiFlex local blocks use the sdpa backend since flex has no CPU backward;
-CNN with deep supervision as nnU-Net trains it), peak memory, parameters, forward FLOPs.
-Every time is printed as a ratio to the CNN measured in the same run.
+AdamW step; the CNN with deep supervision as nnU-Net trains it; every EquiFlex preset with its
+local blocks on two backends: on CPU the dense-masked sdpa ("before": the first release's CPU
+training path) and the linear-cost window backend ("after": today's CPU default); on CUDA flex
+and window), peak memory, parameters and forward FLOPs. EquiFlex FLOPs are analytic
+(``nnunet_equiflex.flops``; FlopCounterMode does not see its attention), the CNN's are
+FlopCounterMode's. Every time is printed as a ratio to the CNN measured in the same run.
 
     python benchmarks/bench_network.py --quick   # 128x128 patch, B=1, fewer repeats
     python benchmarks/bench_network.py           # 256x224 patch, B=2 on CPU (12 on CUDA)
-    python benchmarks/bench_network.py --full    # adds the sdpa inference rows and more repeats
+    python benchmarks/bench_network.py --full    # more repeats, sdpa inference rows
 """
 
 from __future__ import annotations
@@ -35,57 +38,29 @@ from _common import (
 )
 from torch.utils.flop_counter import FlopCounterMode
 
-from nnunet_equiflex.attention import default_token_layout, dense_mask, generate_local_window_mask
+from nnunet_equiflex.flops import network_forward_flops
 from nnunet_equiflex.network import EquiFlexFormer
 
 IN_CHANNELS, NUM_CLASSES = 1, 4  # ACDC: one MRI channel; background, RV, MLV, LVC
 
+# (row name, preset, overrides)
 VARIANTS = [
-    ("EquiFlex d2, lifted 0", dict(group="d2", n_lifted_blocks=0)),
-    ("EquiFlex d2, lifted 2", dict(group="d2", n_lifted_blocks=2)),
-    ("EquiFlex d2, lifted 4 (vit_s8)", dict(group="d2", n_lifted_blocks=4)),
-    ("Flex (group none, 4 global)", dict(group="none", n_lifted_blocks=4)),
+    ("vit_s8 (4 lifted, 4 global, max)", "vit_s8", {}),
+    ("vit_s8_flip4 (4 lifted, 2 global, max)", "vit_s8_flip4", {}),
+    ("vit_s8_flip2 (2 lifted, 2 global, max)", "vit_s8_flip2", {}),
+    ("vit_s8_flip0 (embedding lifted, mean, folded)", "vit_s8_flip0", {}),
+    ("vit_ti8 (192 wide, flip0 lifting)", "vit_ti8", {}),
+    ("tiny (64 wide, token 4)", "tiny", {}),
+    ("ViT-S/8 group none (2 global, no lifting)", "vit_s8_flip0", {"group": "none"}),
 ]
-D2_REFERENCE = "EquiFlex d2, lifted 4 (vit_s8)"
-# --options: the encoder options of the neighbouring designs, against the d2 reference above.
+D2_REFERENCE = VARIANTS[0][0]
+# --options: the encoder options of the neighbouring designs, against the vit_s8 reference above.
 OPTION_VARIANTS = [
-    ("vit_s8 d2 + GMR patch embedding [6, 11]", dict(group="d2", n_lifted_blocks=4, patch_embed="gmr")),
-    (
-        "vit_s8 d2 + alternating dilated windows (x2)",
-        dict(group="d2", n_lifted_blocks=4, window_dilation=2, alternate_dilation=True),
-    ),
+    ("vit_s8 + GMR patch embedding [6, 11]", "vit_s8", {"patch_embed": "gmr"}),
+    ("vit_s8 + alternating dilated windows (x2)", "vit_s8", {"window_dilation": 2, "alternate_dilation": True}),
 ]
-SQUARE_OPTION_VARIANTS = [("vit_s8 d4 (8 lifted copies)", dict(group="d4", n_lifted_blocks=4))]
-
-
-def equiflex(**overrides) -> EquiFlexFormer:
-    return EquiFlexFormer.from_preset("vit_s8", IN_CHANNELS, NUM_CLASSES, **overrides)
-
-
-def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops()
-
-
-def equiflex_useful_flops(model: EquiFlexFormer, x: torch.Tensor) -> tuple[int, int]:
-    """(counted, windowed): FlopCounterMode with the sdpa backend counts each local block's attention
-    as dense ``S x S`` products (what sdpa computes); ``windowed`` replaces that with the allowed
-    (q, k) pairs only (what an ideal block-sparse kernel computes, flex's lower bound)."""
-    model.set_attention_backend("sdpa")
-    counted = forward_flops(model, x)
-    enc = model.encoder
-    grid = (x.shape[-2] // enc.patch_size, x.shape[-1] // enc.patch_size)
-    seq = enc.num_prefix_tokens + grid[0] * grid[1]
-    mask = dense_mask(generate_local_window_mask(*grid, enc.window_radius, num_prefix_tokens=1), seq)
-    allowed = int(mask.sum())
-    heads = enc.blocks[0].attn.num_heads
-    head_dim = enc.embed_dim // heads
-    n_local = len(enc.blocks) - enc.n_lifted_blocks
-    # two matmuls (QK^T and PV), 2 FLOPs per multiply-add
-    saved = n_local * 2 * 2 * x.shape[0] * heads * head_dim * (seq * seq - allowed)
-    model.set_attention_backend("auto")
-    return counted, counted - saved
+SQUARE_OPTION_VARIANTS = [("vit_s8 d4 (8 lifted copies)", "vit_s8", {"group": "d4"})]
+CNN_1, CNN_TTA = "CNN, 1 pass", "CNN, 4 passes (mirroring TTA)"
 
 
 def cnn_tta(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -94,6 +69,20 @@ def cnn_tta(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     for axes in ((3,), (2,), (2, 3)):
         out = out + torch.flip(model(torch.flip(x, axes)), axes)
     return out / 4
+
+
+def counted_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+def equiflex_flops(model: EquiFlexFormer, x: torch.Tensor) -> int:
+    """Analytic windowed FLOPs; GMR (not covered analytically) falls back to the counter (a lower bound)."""
+    try:
+        return network_forward_flops(model, tuple(x.shape[-2:]))["total"]
+    except ValueError:
+        return counted_flops(model, x)
 
 
 def train_step_fn(model, optimizer, x, target, device, deep_supervision: bool):
@@ -121,7 +110,7 @@ def train_step_fn(model, optimizer, x, target, device, deep_supervision: bool):
     return step
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="128x128 patch, B=1, 2 repeats")
@@ -131,17 +120,143 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="default 2 on CPU (1 with --quick), 12 on CUDA")
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--no-train", action="store_true", help="skip the training-step rows")
+    parser.add_argument("--presets", nargs="*", help="only these row names' presets (default: all rows)")
     parser.add_argument(
         "--options", action="store_true", help="add the encoder options (GMR, dilated; d4 when the patch is square)"
     )
     parser.add_argument(
-        "--layouts", action="store_true", help="add vit_s8 inference with the other flex token layout (same weights)"
+        "--layouts", action="store_true", help="add vit_s8 inference with the flex backend in both token layouts"
     )
     parser.add_argument(
         "--compile-network", action="store_true", help="add vit_s8 inference with the whole network torch.compile'd"
     )
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def training_backends(device: torch.device) -> list[tuple[str, str]]:
+    """(label, backend) of the training rows: before and after the linear-cost backend."""
+    if device.type == "cuda":
+        return [("flex", "flex"), ("window", "window")]
+    return [("before: sdpa, dense mask", "sdpa"), ("after: window", "window")]
+
+
+def add_extra_inference_rows(args, name, model, make, x, stats, infer_calls, device) -> None:
+    """The --full/--layouts/--compile-network rows, sharing the reference network's weights."""
+    extras = {}
+    if args.full:
+        extras[f"{name}, sdpa backend"] = make(attention_backend="sdpa")
+    if args.layouts:
+        for layout in ("row", "tile4"):
+            extras[f"{name}, flex layout {layout}"] = make(attention_backend="flex", flex_token_layout=layout)
+    for label, other in extras.items():
+        other.load_state_dict(model.state_dict())
+        stats[label] = stats[name]
+        infer_calls[label] = functools.partial(other, x)
+    if args.compile_network:
+        stats[f"{name}, whole network compiled"] = stats[name]
+        infer_calls[f"{name}, whole network compiled"] = functools.partial(torch.compile(model, dynamic=False), x)
+
+
+def build_rows(args, device, architecture, x, target):
+    """Every network of the run, its (params, GFLOPs) and its inference and training callables."""
+    cnn = build_cnn(architecture, IN_CHANNELS, NUM_CLASSES, deep_supervision=False).to(device).eval()
+    cnn_flops = counted_flops(cnn, x[:1])
+    cnn_params = sum(p.numel() for p in cnn.parameters())
+    stats = {CNN_1: (cnn_params, cnn_flops), CNN_TTA: (cnn_params, 4 * cnn_flops)}
+    infer_calls = {CNN_1: functools.partial(cnn, x), CNN_TTA: functools.partial(cnn_tta, cnn, x)}
+    train_calls = {}
+    if not args.no_train:
+        cnn_ds = build_cnn(architecture, IN_CHANNELS, NUM_CLASSES, deep_supervision=True).to(device).train()
+        train_calls["CNN (deep supervision)"] = train_step_fn(
+            cnn_ds, torch.optim.AdamW(cnn_ds.parameters(), lr=1e-4), x, target, device, True
+        )
+    variants = [v for v in VARIANTS if not args.presets or v[1] in args.presets]
+    if args.options:
+        variants += OPTION_VARIANTS + (SQUARE_OPTION_VARIANTS if x.shape[-2] == x.shape[-1] else [])
+    for name, preset, overrides in variants:
+
+        def make(preset=preset, overrides=overrides, **more):
+            return EquiFlexFormer.from_preset(preset, IN_CHANNELS, NUM_CLASSES, **overrides, **more).to(device)
+
+        model = make().eval()
+        stats[name] = (sum(p.numel() for p in model.parameters()), equiflex_flops(model, x[:1]))
+        infer_calls[name] = functools.partial(model, x)
+        if name == D2_REFERENCE:
+            add_extra_inference_rows(args, name, model, make, x, stats, infer_calls, device)
+        if not args.no_train:
+            for label, backend in training_backends(device):
+                trainee = make(attention_backend=backend).train()
+                opt = torch.optim.AdamW(trainee.parameters(), lr=1e-4)
+                train_calls[f"{name}, {label}"] = train_step_fn(trainee, opt, x, target, device, False)
+    return stats, infer_calls, train_calls
+
+
+def print_inference(results, batch) -> None:
+    base_infer, base_tta = results[CNN_1][2].median_s, results[CNN_TTA][2].median_s
+    base_flops = results[CNN_1][1]
+    rows = []
+    for name, (params, flops, timing) in results.items():
+        rows.append(
+            [
+                name,
+                f"{params / 1e6:.2f}",
+                f"{flops / 1e9:.2f}",
+                f"{flops / base_flops:.2f}x",
+                f"{4 * base_flops / flops:.2f}x",
+                f"{timing.median_s / batch * 1e3:.0f}",
+                f"{timing.median_s / base_infer:.2f}x",
+                f"{base_tta / timing.median_s:.2f}x",
+                f"{timing.spread:.0%}",
+                mib(timing.peak_bytes),
+            ]
+        )
+    print("## Inference (no grad), per patch")
+    print_table(
+        [
+            "network",
+            "params M",
+            "GFLOPs",
+            "FLOPs vs CNN 1 pass",
+            "fewer FLOPs than CNN+TTA",
+            "ms / patch",
+            "time vs CNN 1 pass",
+            "speed-up vs CNN+TTA",
+            "spread",
+            "peak mem",
+        ],
+        rows,
+    )
+    print(
+        "GFLOPs: forward, one image. CNN: FlopCounterMode (convolutions); TTA rows 4x. EquiFlex: analytic "
+        "(nnunet_equiflex.flops: every matmul and convolution, local attention over the window's pairs; the same "
+        "counting as FlopCounterMode, checked in tests/test_flops.py), since FlopCounterMode sees neither flex, "
+        "the window backend nor CPU SDPA."
+    )
+    print()
+
+
+def print_training(train: dict) -> None:
+    base = train["CNN (deep supervision)"].median_s
+    print("## Training step (forward + backward + AdamW), per batch")
+    rows = [
+        [n, f"{t.median_s * 1e3:.0f}", f"{t.median_s / base:.2f}x", f"{t.spread:.0%}", mib(t.peak_bytes)]
+        for n, t in train.items()
+    ]
+    print_table(["network", "ms / step", "time vs CNN", "spread", "peak mem"], rows)
+    pairs = {}
+    for name, timing in train.items():
+        for label in ("before", "after"):
+            if f", {label}:" in name:
+                pairs.setdefault(name.split(f", {label}:")[0], {})[label] = timing.median_s
+    for name, pair in pairs.items():
+        if len(pair) == 2:
+            ratio = pair["before"] / pair["after"]
+            print(f"{name}: training step before/after = {ratio:.2f}x (above 1: after is faster)")
+    print()
+
+
+def main() -> None:
+    args = parse_args()
     device = pick_device(args.device)
     cuda = device.type == "cuda"
     patch = tuple(args.patch or ((128, 128) if args.quick else (256, 224)))
@@ -150,7 +265,7 @@ def main() -> None:
     repeats = args.repeats or (2 if args.quick else (5 if args.full else 3))
 
     allow_many_compiles()
-    print_header("EquiFlexFormer vs nnU-Net 2D PlainConvUNet", device)
+    print_header("EquiFlexFormer presets vs nnU-Net 2D PlainConvUNet", device)
     architecture, fitted = nnunet_2d_architecture(patch)
     if fitted != patch:
         raise SystemExit(f"patch {patch} is not one nnU-Net's planner keeps (it would use {fitted}); pick that")
@@ -163,67 +278,16 @@ def main() -> None:
         f"CNN from nnU-Net's planner topology: {kw['n_stages']} stages, features {list(kw['features_per_stage'])}, "
         f"strides {kw['strides']}"
     )
-    print("EquiFlex: preset vit_s8 (patch 8, embed 384, depth 12, heads 6, window radius 2)")
-    train_backend = "flex" if cuda else "sdpa (dense bool mask; flex has no CPU backward)"
-    layout = default_token_layout(device)
-    print(
-        f"EquiFlex local blocks: inference backend flex (compiled, token layout {layout}); "
-        f"training backend {train_backend}"
-    )
+    print(f"EquiFlex local blocks: inference backend {'flex' if cuda else 'window'} (auto); training rows below")
     print()
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, IN_CHANNELS, *patch, generator=gen).to(device)
     target = torch.randint(0, NUM_CLASSES, (batch, *patch), generator=gen).to(device)
-    x1 = x[:1]
-
-    rows = []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-
     # All networks stay alive so that every measurement is round-robin over the rows (shared machine).
-    cnn = build_cnn(architecture, IN_CHANNELS, NUM_CLASSES, deep_supervision=False).to(device).eval()
-    cnn_flops = forward_flops(cnn, x1)
-    cnn_params = sum(p.numel() for p in cnn.parameters())
-    stats = {
-        "CNN, 1 pass": (cnn_params, cnn_flops, cnn_flops),
-        "CNN, 4 passes (mirroring TTA)": (cnn_params, 4 * cnn_flops, 4 * cnn_flops),
-    }
-    infer_calls = {
-        "CNN, 1 pass": functools.partial(cnn, x),
-        "CNN, 4 passes (mirroring TTA)": functools.partial(cnn_tta, cnn, x),
-    }
-    train_calls = {}
-    if not args.no_train:
-        cnn_ds = build_cnn(architecture, IN_CHANNELS, NUM_CLASSES, deep_supervision=True).to(device).train()
-        opt = torch.optim.AdamW(cnn_ds.parameters(), lr=1e-4)
-        train_calls["CNN, 1 pass"] = train_step_fn(cnn_ds, opt, x, target, device, True)
-    variants = list(VARIANTS)
-    if args.options:
-        variants += OPTION_VARIANTS + (SQUARE_OPTION_VARIANTS if patch[0] == patch[1] else [])
-    for name, overrides in variants:
-        model = equiflex(**overrides).to(device).eval()
-        counted, windowed = equiflex_useful_flops(model, x1)
-        stats[name] = (sum(p.numel() for p in model.parameters()), counted, windowed)
-        infer_calls[name] = functools.partial(model, x)
-        if args.full and name == D2_REFERENCE:
-            sdpa_model = equiflex(**overrides, attention_backend="sdpa").to(device).eval()
-            sdpa_model.load_state_dict(model.state_dict())
-            stats[name + ", sdpa backend"] = stats[name]
-            infer_calls[name + ", sdpa backend"] = functools.partial(sdpa_model, x)
-        if args.layouts and name == D2_REFERENCE:
-            other = "row" if layout != "row" else "tile4"
-            other_model = equiflex(**overrides, flex_token_layout=other).to(device).eval()
-            other_model.load_state_dict(model.state_dict())
-            stats[f"{name}, flex layout {other}"] = stats[name]
-            infer_calls[f"{name}, flex layout {other}"] = functools.partial(other_model, x)
-        if args.compile_network and name == D2_REFERENCE:
-            stats[name + ", whole network compiled"] = stats[name]
-            infer_calls[name + ", whole network compiled"] = functools.partial(torch.compile(model, dynamic=False), x)
-        if not args.no_train:
-            trainee = equiflex(**overrides, attention_backend="flex" if cuda else "sdpa").to(device).train()
-            opt = torch.optim.AdamW(trainee.parameters(), lr=1e-4)
-            train_calls[name] = train_step_fn(trainee, opt, x, target, device, False)
+    stats, infer_calls, train_calls = build_rows(args, device, architecture, x, target)
     print("measuring inference (round-robin) ...", flush=True)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     with torch.no_grad(), autocast:
         timings = measure_interleaved(infer_calls, device, repeats)
     results = {name: (*stats[name], timings[name]) for name in infer_calls}
@@ -232,74 +296,13 @@ def main() -> None:
         print("measuring training steps (round-robin) ...", flush=True)
         train = measure_interleaved(train_calls, device, repeats)
     print()
-
-    base_infer = results["CNN, 1 pass"][3].median_s
-    base_tta = results["CNN, 4 passes (mirroring TTA)"][3].median_s
-    base_flops = results["CNN, 1 pass"][1]
-    d2_flops, d2_time = results[D2_REFERENCE][2], results[D2_REFERENCE][3].median_s
-    for name, (params, counted, windowed, timing) in results.items():
-        versus_d2 = "-" if name.startswith("CNN") else f"{windowed / d2_flops:.2f}x / {timing.median_s / d2_time:.2f}x"
-        per_patch_ms = timing.median_s / batch * 1e3
-        rows.append(
-            [
-                name,
-                f"{params / 1e6:.1f}",
-                f"{counted / 1e9:.1f}",
-                f"{windowed / 1e9:.1f}",
-                f"{windowed / base_flops:.2f}x",
-                f"{per_patch_ms:.0f}",
-                f"{timing.median_s / base_infer:.2f}x",
-                f"{base_tta / timing.median_s:.2f}x",
-                f"{timing.spread:.0%}",
-                mib(timing.peak_bytes),
-                versus_d2,
-            ]
-        )
-    print("## Inference (no grad), per patch")
-    print_table(
-        [
-            "network",
-            "params M",
-            "GFLOPs counted",
-            "GFLOPs windowed",
-            "FLOPs vs CNN 1 pass",
-            "ms / patch",
-            "time vs CNN 1 pass",
-            "speed-up vs CNN+TTA",
-            "spread",
-            "peak mem",
-            "FLOPs / time vs d2 vit_s8",
-        ],
-        rows,
-    )
-    print(
-        "GFLOPs: forward, one image, FlopCounterMode. 'counted' runs EquiFlex with the sdpa backend, so each local "
-        "block's attention is counted as dense S x S (flex attention itself is not seen by FlopCounterMode); "
-        "'windowed' replaces that with the allowed (q, k) pairs only (analytic, the block-sparse lower bound). "
-        "TTA rows: 4x the 1-pass FLOPs."
-    )
-    print()
+    print_inference(results, batch)
     if train:
-        base_train = train["CNN, 1 pass"].median_s
-        print("## Training step (forward + backward + AdamW), per batch")
-        print_table(
-            ["network", "ms / step", "time vs CNN", "spread", "peak mem"],
-            [
-                [
-                    n.replace(", 1 pass", " (deep supervision)"),
-                    f"{t.median_s * 1e3:.0f}",
-                    f"{t.median_s / base_train:.2f}x",
-                    f"{t.spread:.0%}",
-                    mib(t.peak_bytes),
-                ]
-                for n, t in train.items()
-            ],
-        )
-    n4 = results["EquiFlex d2, lifted 4 (vit_s8)"][3].median_s
-    print(
-        f"EquiFlex vit_s8 (lifted 4) single pass vs CNN with TTA: {base_tta / n4:.2f}x faster per patch "
-        f"(network only; see bench_inference.py for whole cases)"
-    )
+        print_training(train)
+    base_tta = results[CNN_TTA][2].median_s
+    for name in [v[0] for v in VARIANTS if v[0] in results]:
+        print(f"{name} single pass vs CNN with TTA: {base_tta / results[name][2].median_s:.2f}x faster per patch")
+    print("(network only; bench_inference.py times whole cases through nnU-Net's predictor)")
 
 
 if __name__ == "__main__":

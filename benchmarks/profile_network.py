@@ -1,15 +1,17 @@
 """Where one EquiFlexFormer inference pass spends its time (torch.profiler, self CPU/CUDA time).
 
-Groups the profiled aten ops into linear layers, global attention (the lifted blocks), local flex
-attention (compiled region), GELU, copies/reshapes and the rest, and prints each group's share.
+Groups the profiled aten ops into linear layers, global attention (SDPA), local attention
+(compiled region of the window or flex backend), GELU, copies/reshapes and the rest, and prints
+each group's share.
 
     python benchmarks/profile_network.py                      # vit_s8, 256x224, B=1
-    python benchmarks/profile_network.py --patch 512 512 --lifted 0
+    python benchmarks/profile_network.py --patch 512 512 --preset vit_s8_flip0
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections import defaultdict
 
 import torch
@@ -20,8 +22,11 @@ from nnunet_equiflex.network import EquiFlexFormer
 
 GROUPS = [
     ("linear layers (addmm/mm)", ("aten::addmm", "aten::mm", "aten::linear")),
-    ("global attention (lifted blocks, SDPA)", ("scaled_dot_product", "_flash_attention", "_efficient_attention")),
-    ("local attention (compiled flex)", ("CompiledFxGraph", "Torch-Compiled Region", "flex_attention", "triton")),
+    ("global attention (SDPA)", ("scaled_dot_product", "_flash_attention", "_efficient_attention")),
+    (
+        "local attention (compiled window or flex)",
+        ("CompiledFxGraph", "Torch-Compiled Region", "flex_attention", "triton"),
+    ),
     ("GELU", ("aten::gelu",)),
     ("copies and reshapes", ("aten::copy_", "aten::clone", "aten::contiguous", "aten::index", "aten::cat")),
     ("layer norm", ("layer_norm",)),
@@ -39,11 +44,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--patch", type=int, nargs=2, default=[256, 224])
-    parser.add_argument("--lifted", type=int, default=4, help="n_lifted_blocks (vit_s8 default 4)")
+    parser.add_argument("--preset", default="vit_s8", help="network preset (default vit_s8)")
     args = parser.parse_args()
+    os.environ["EQUIFLEX_WINDOW_COMPILE"] = "1"  # profile the path users run (the window backend compiled)
     device = pick_device(args.device)
     print_header("Where an EquiFlexFormer pass spends its time", device)
-    net = EquiFlexFormer.from_preset("vit_s8", in_channels=1, num_classes=4, n_lifted_blocks=args.lifted)
+    net = EquiFlexFormer.from_preset(args.preset, in_channels=1, num_classes=4)
     net = net.to(device).eval()
     x = torch.randn(1, 1, *args.patch, device=device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -60,7 +66,7 @@ def main() -> None:
     for event in prof.key_averages():
         totals[group_of(event.key)] += getattr(event, attr)
     whole = sum(totals.values())
-    print(f"vit_s8, lifted {args.lifted}, patch {args.patch[0]}x{args.patch[1]}, B=1, one pass: {whole / 1e3:.0f} ms")
+    print(f"{args.preset}, patch {args.patch[0]}x{args.patch[1]}, B=1, one pass: {whole / 1e3:.0f} ms")
     print_table(
         ["group", "ms", "share"],
         [[g, f"{t / 1e3:.1f}", f"{t / whole:.0%}"] for g, t in sorted(totals.items(), key=lambda kv: -kv[1])],

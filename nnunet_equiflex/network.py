@@ -132,6 +132,8 @@ class EquiFlexFormer(nn.Module):
         n_global_blocks: int | None = None,
     ) -> None:
         super().__init__()
+        arch_kwargs = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
+        self.arch_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in arch_kwargs.items()}
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.patch_size = patch_size

@@ -28,15 +28,18 @@ def test_attention_benchmark_runs_and_checks_its_layouts():
     assert "reordered vs row-major flex, max abs diff" in out
     assert "WARNING: a reordered layout differs" not in out
     assert "Target at 64x64: not measured in this run" in out
+    assert "window (linear cost)" in out and "## forward+backward, grid 8x8 (+CLS = 65 tokens), radius 1" in out
+    assert "Target at 40x40 (forward+backward): not measured in this run" in out
 
 
 def test_network_benchmark_and_profile_run():
     out = run_benchmark("bench_network.py", "--patch", "64", "64", "--batch", "1", "--repeats", "1", "--layouts")
     assert "## Inference (no grad), per patch" in out and "## Training step" in out
-    assert "EquiFlex d2, lifted 4 (vit_s8), flex layout row" in out
-    assert "EquiFlex vit_s8 (lifted 4) single pass vs CNN with TTA:" in out
+    assert "vit_s8 (4 lifted, 4 global, max), flex layout row" in out
+    assert "vit_s8_flip0 (embedding lifted, mean, folded) single pass vs CNN with TTA:" in out
+    assert "tiny (64 wide, token 4): training step before/after = " in out
     profile = run_benchmark("profile_network.py", "--patch", "64", "64")
-    assert "linear layers (addmm/mm)" in profile and "local attention (compiled flex)" in profile
+    assert "linear layers (addmm/mm)" in profile and "local attention (compiled window or flex)" in profile
 
 
 def test_inference_benchmark_runs():

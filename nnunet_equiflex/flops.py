@@ -1,0 +1,107 @@
+"""Forward FLOPs of an EquiFlexFormer, counted analytically from its kwargs.
+
+Why analytic: torch's ``FlopCounterMode`` does not see FlexAttention, the window backend's
+elementwise products, or (torch 2.14 on CPU) ``scaled_dot_product_attention`` at all, so it
+undercounts a ViT by its whole attention. Here every matrix product is counted as
+2 FLOPs per multiply-add, the way ``FlopCounterMode`` counts the products it sees; the tests
+check the count against ``FlopCounterMode`` with SDPA forced to its math path (where attention
+is made of visible matmuls). Elementwise work (norms, softmax, GELU, upsampling) is not counted,
+as there.
+
+``local_attention="window"`` counts a local block's attention over its window's (query, key)
+pairs (what the window and flex backends compute, up to block granularity);
+``"dense"`` over all ``S x S`` pairs (what dense-masked SDPA computes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nnunet_equiflex.attention import dense_mask, generate_local_window_mask
+from nnunet_equiflex.groups import group_elements
+from nnunet_equiflex.network import preset_kwargs
+
+_DEFAULTS = dict(
+    n_lifted_blocks=4,
+    window_radius=2,
+    window_dilation=1,
+    group="d2",
+    group_pooling="max",
+    mlp_ratio=4.0,
+    num_register_tokens=0,
+    refine=False,
+    refine_dim=32,
+    alternate_dilation=False,
+    patch_embed="linear",
+)
+
+
+def _window_pairs(grid: tuple[int, int], radius: int, dilation: int, prefix: int) -> int:
+    mask_mod = generate_local_window_mask(*grid, radius, dilation, prefix)
+    return int(dense_mask(mask_mod, prefix + grid[0] * grid[1]).sum())
+
+
+def equiflex_forward_flops(
+    kwargs: dict[str, Any],
+    in_channels: int,
+    num_classes: int,
+    patch_size: tuple[int, int] | list[int],
+    local_attention: str = "window",
+    folded_lifting: bool = True,
+) -> dict[str, int]:
+    """FLOPs of one forward pass on one ``patch_size`` image, by part, and their ``total``.
+
+    ``kwargs`` are EquiFlexFormer kwargs (a preset's, or a plans file's ``arch_kwargs``);
+    ``folded_lifting`` says whether a linear lifting runs folded (the encoder's default)."""
+    if local_attention not in ("window", "dense"):
+        raise ValueError(f"local_attention must be 'window' or 'dense', got {local_attention!r}")
+    k = {**_DEFAULTS, **kwargs}
+    if k["patch_embed"] != "linear":
+        raise ValueError("analytic FLOPs cover the linear patch embedding only; count GMR with FlopCounterMode")
+    p, dim, depth = k["patch_size"], k["embed_dim"], k["depth"]
+    n_lifted = k["n_lifted_blocks"]
+    n_global = n_lifted if k.get("n_global_blocks") is None else k["n_global_blocks"]
+    copies = len(group_elements(k["group"]))
+    linear_lifting = k["group_pooling"] == "mean" and n_lifted == 0 and copies > 1
+    grid = (patch_size[0] // p, patch_size[1] // p)
+    patches = grid[0] * grid[1]
+    prefix = 1 + k["num_register_tokens"]
+    seq = prefix + patches
+    hidden = int(dim * k["mlp_ratio"])
+
+    embed_copies = 1 if (linear_lifting and folded_lifting) else copies
+    flops = {"embedding": embed_copies * 2 * patches * in_channels * p * p * dim}
+    linear = attention = 0
+    n_local = depth - n_global
+    dilations = [k["window_dilation"]] * n_local
+    if k["alternate_dilation"]:
+        dilations = [k["window_dilation"] if i % 2 else 1 for i in range(n_local)]
+    for index in range(depth):
+        block_copies = copies if index < n_lifted else 1
+        linear += block_copies * 2 * seq * (4 * dim * dim + 2 * hidden * dim)
+        if index < n_global or local_attention == "dense":
+            pairs = seq * seq
+        else:
+            pairs = _window_pairs(grid, k["window_radius"], dilations[index - n_global], prefix)
+        attention += block_copies * 4 * pairs * dim  # q k^T and weights @ v
+    flops["linear layers"] = linear
+    flops["attention"] = attention
+    decoder = 2 * patches * dim * num_classes
+    if k["refine"]:
+        rd, pixels = k["refine_dim"], patch_size[0] * patch_size[1]
+        decoder += 2 * patches * dim * rd + 2 * pixels * 9 * (in_channels + rd) * rd + 2 * pixels * 9 * rd * num_classes
+    flops["decoder"] = decoder
+    flops["total"] = sum(flops.values())
+    return flops
+
+
+def preset_forward_flops(name: str, in_channels: int, num_classes: int, patch_size, **overrides) -> dict[str, int]:
+    return equiflex_forward_flops(preset_kwargs(name, **overrides), in_channels, num_classes, patch_size)
+
+
+def network_forward_flops(network, patch_size, local_attention: str = "window") -> dict[str, int]:
+    """``equiflex_forward_flops`` of a built EquiFlexFormer (its recorded constructor kwargs)."""
+    kwargs = dict(network.arch_kwargs)
+    in_channels, num_classes = kwargs.pop("in_channels"), kwargs.pop("num_classes")
+    folded = network.encoder.fold_linear_lifting
+    return equiflex_forward_flops(kwargs, in_channels, num_classes, patch_size, local_attention, folded)
