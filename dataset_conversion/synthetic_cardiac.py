@@ -44,6 +44,44 @@ from nnunet_equiflex.dataset_conversion.common import (
 )
 
 LABELS = {"background": 0, "RV": 1, "MLV": 2, "LVC": 3}
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """Ranges the generator draws from (uniform unless said otherwise); ``standard`` is the original dataset."""
+
+    wall_mm: tuple[float, float] = (6.0, 10.0)  # myocardial thickness
+    lv_harmonics_sd: tuple[float, float] = (0.06, 0.025)  # normal sd of the elliptic / triangular deformation
+    wall_harmonic: tuple[float, float] = (0.0, 0.15)  # thickness variation around the ring
+    rv_thickness: tuple[float, float] = (0.35, 0.6)  # RV crescent depth, fraction of the epicardial radius
+    rv_wall_mm: tuple[float, float] = (2.0, 3.5)
+    myocardium_intensity: tuple[float, float] = (0.15, 0.26)
+    rv_intensity: tuple[float, float] = (0.75, 0.9)
+    lv_intensity: tuple[float, float] = (0.85, 1.0)
+    blur_sigma_px: tuple[float, float] = (0.4, 1.1)
+    noise_sigma: tuple[float, float] = (0.015, 0.05)
+    bias_sd: tuple[float, ...] = (0.2, 0.2, 0.1, 0.1, 0.1)  # normal sd of the bias field's coefficients
+
+
+DIFFICULTIES = {
+    "standard": Difficulty(),
+    # Thin myocardium (2-4 px) and RV, more shape variation, blood pools whose brightness overlaps the
+    # epicardial fat, a myocardium close to the surrounding tissue, more blur, noise and shading: a dataset on
+    # which a short training budget leaves nnU-Net's CNN well below a Dice of 0.9, so presets can be told apart.
+    "hard": Difficulty(
+        wall_mm=(3.0, 5.5),
+        lv_harmonics_sd=(0.12, 0.05),
+        wall_harmonic=(0.0, 0.35),
+        rv_thickness=(0.15, 0.4),
+        rv_wall_mm=(1.2, 2.2),
+        myocardium_intensity=(0.2, 0.32),
+        rv_intensity=(0.5, 0.9),
+        lv_intensity=(0.55, 1.0),
+        blur_sigma_px=(0.8, 1.5),
+        noise_sigma=(0.05, 0.11),
+        bias_sd=(0.35, 0.35, 0.2, 0.2, 0.2),
+    ),
+}
 DEFAULT_ID = 900
 DEFAULT_NAME = "SyntheticCardiac"
 _SPLIT_CODES = {"train": 0, "test": 1}
@@ -87,8 +125,16 @@ def case_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), _SPLIT_CODES[split], int(index)]))
 
 
-def synthesize_slice(rng: np.random.Generator, size_range: tuple[int, int] = (96, 160)) -> SyntheticSlice:
-    """Draw one short-axis slice. All shapes are defined in mm in a heart-centred frame (u towards the RV)."""
+def synthesize_slice(
+    rng: np.random.Generator, size_range: tuple[int, int] = (96, 160), difficulty: str = "standard"
+) -> SyntheticSlice:
+    """Draw one short-axis slice. All shapes are defined in mm in a heart-centred frame (u towards the RV).
+
+    ``difficulty`` names the ranges of ``DIFFICULTIES``; the random draws happen in the same order for every
+    difficulty, so a case's geometry (size, spacing, rotation, mirroring) depends only on its seed."""
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"unknown difficulty {difficulty!r}; choose one of {', '.join(DIFFICULTIES)}")
+    d = DIFFICULTIES[difficulty]
     low, high = int(size_range[0]), int(size_range[1])
     if not 64 <= low <= high:
         raise ValueError(
@@ -102,17 +148,17 @@ def synthesize_slice(rng: np.random.Generator, size_range: tuple[int, int] = (96
 
     # Heart shape (mm), before fitting it into the field of view.
     lv_radius = rng.uniform(12.0, 24.0)
-    wall = rng.uniform(6.0, 10.0)
-    lv_harmonics = rng.normal(0.0, [0.06, 0.025], size=2)  # elliptic and triangular deformation
+    wall = rng.uniform(*d.wall_mm)
+    lv_harmonics = rng.normal(0.0, list(d.lv_harmonics_sd), size=2)  # elliptic and triangular deformation
     lv_phases = rng.uniform(0.0, 2 * np.pi, size=2)
-    wall_harmonic, wall_phase = rng.uniform(0.0, 0.15), rng.uniform(0.0, 2 * np.pi)
+    wall_harmonic, wall_phase = rng.uniform(*d.wall_harmonic), rng.uniform(0.0, 2 * np.pi)
     outer = lv_radius + wall
     # RV crescent along the epicardium: thickest near one insertion point, tapering to a long horn at the other.
     # That asymmetry (gamma < 1) makes the configuration chiral.
     rv_span = np.deg2rad(rng.uniform(150.0, 200.0))
-    rv_thickness = rng.uniform(0.35, 0.6) * outer
+    rv_thickness = rng.uniform(*d.rv_thickness) * outer
     rv_gamma = rng.uniform(0.45, 0.65)
-    rv_wall = rng.uniform(2.0, 3.5)
+    rv_wall = rng.uniform(*d.rv_wall_mm)
     heart_extent = outer * (1 + np.abs(lv_harmonics).sum()) * (1 + wall_harmonic) + rv_thickness + rv_wall
     fov = np.array([height, width]) * spacing
     scale = min(1.0, 0.95 * fov.min() / (2 * heart_extent))
@@ -150,9 +196,9 @@ def synthesize_slice(rng: np.random.Generator, size_range: tuple[int, int] = (96
     label[lv] = LABELS["LVC"]
 
     image = _background(rng, u, v, rho, epi, scale, (height, width), spacing)
-    image[rv_free_wall | myocardium] = rng.uniform(0.15, 0.26)
-    image[right_ventricle] = rng.uniform(0.75, 0.9)
-    image[lv] = rng.uniform(0.85, 1.0)
+    image[rv_free_wall | myocardium] = rng.uniform(*d.myocardium_intensity)
+    image[right_ventricle] = rng.uniform(*d.rv_intensity)
+    image[lv] = rng.uniform(*d.lv_intensity)
     # Papillary muscles: dark blobs inside the cavity, labelled LVC as in ACDC, at asymmetric angles.
     for angle_deg, size in ((140.0, 0.22), (235.0, 0.17)):
         angle = np.deg2rad(angle_deg + rng.normal(0.0, 10.0))
@@ -160,9 +206,9 @@ def synthesize_slice(rng: np.random.Generator, size_range: tuple[int, int] = (96
         blob = np.hypot(u - centre_pm[0], v - centre_pm[1]) < size * lv_radius
         image[blob & lv] = rng.uniform(0.25, 0.4)
 
-    image = gaussian_filter(image, sigma=rng.uniform(0.4, 1.1))
-    image *= _bias_field(rng, (height, width))
-    sigma = rng.uniform(0.015, 0.05)
+    image = gaussian_filter(image, sigma=rng.uniform(*d.blur_sigma_px))
+    image *= _bias_field(rng, (height, width), d.bias_sd)
+    sigma = rng.uniform(*d.noise_sigma)
     noise = rng.normal(0.0, sigma, size=(2, height, width))
     image = np.sqrt((image + noise[0]) ** 2 + noise[1] ** 2)  # magnitude of complex Gaussian noise: Rician
     image = np.clip(image * rng.uniform(300.0, 1500.0), 0, np.iinfo(np.int16).max).astype(np.int16)
@@ -210,10 +256,10 @@ def _background(rng, u, v, rho, epi, scale, shape, spacing) -> np.ndarray:
     return image
 
 
-def _bias_field(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
-    """Smooth multiplicative coil shading, exp of a random quadratic, roughly 0.6..1.6."""
+def _bias_field(rng: np.random.Generator, shape: tuple[int, int], sd: tuple[float, ...]) -> np.ndarray:
+    """Smooth multiplicative coil shading, exp of a random quadratic (roughly 0.6..1.6 for the standard sd)."""
     y, x = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
-    c = rng.normal(0.0, [0.2, 0.2, 0.1, 0.1, 0.1])
+    c = rng.normal(0.0, list(sd))
     return np.exp(c[0] * x + c[1] * y + c[2] * x * y + c[3] * x**2 + c[4] * y**2)
 
 
@@ -241,6 +287,7 @@ def generate_synthetic_cardiac(
     size_range: tuple[int, int] = (96, 160),
     overwrite: bool = False,
     name: str = DEFAULT_NAME,
+    difficulty: str = "standard",
 ) -> Path:
     """Write the synthetic dataset to ``$nnUNet_raw/Dataset{id}_{name}``; returns that folder.
 
@@ -257,7 +304,7 @@ def generate_synthetic_cardiac(
         subfolders=("imagesTr", "labelsTr") + (("imagesTs", "labelsTs") if num_test else ()),
     )
     with removed_on_error(folder):
-        record: dict = {"seed": seed, "size_range": list(size_range), "cases": {}}
+        record: dict = {"seed": seed, "size_range": list(size_range), "difficulty": difficulty, "cases": {}}
         for split, count, images_dir, labels_dir, prefix in (
             ("train", num_train, "imagesTr", "labelsTr", "synth"),
             ("test", num_test, "imagesTs", "labelsTs", "synth_test"),
@@ -265,7 +312,7 @@ def generate_synthetic_cardiac(
             progress = Progress(f"{folder.name} {split}", count)
             for index in range(count):
                 case = f"{prefix}_{index:04d}"
-                sample = synthesize_slice(case_rng(seed, split, index), size_range)
+                sample = synthesize_slice(case_rng(seed, split, index), size_range, difficulty)
                 image, label = sample.to_sitk()
                 write_image(image, folder / images_dir / f"{case}_0000{FILE_ENDING}")
                 write_image(label, folder / labels_dir / f"{case}{FILE_ENDING}")
@@ -277,8 +324,8 @@ def generate_synthetic_cardiac(
             labels=LABELS,
             num_training_cases=num_train,
             dataset_name=folder.name,
-            description="Synthetic 2D short-axis cardiac MRI slices (nnunet-equiflex), ACDC label convention; "
-            "random rotation and mirroring, varied size and spacing, bias field, blur, Rician noise.",
+            description=f"Synthetic 2D short-axis cardiac MRI slices (nnunet-equiflex, difficulty {difficulty}), ACDC "
+            "label convention; random rotation and mirroring, varied size and spacing, bias field, blur, Rician noise.",
             reference="generated by nnunet_equiflex.dataset_conversion.synthetic_cardiac",
         )
         (folder / "generation.json").write_text(json.dumps(record, indent=1))
@@ -302,6 +349,12 @@ def main(argv: list[str] | None = None) -> Path:
         metavar=("MIN", "MAX"),
         help="image height and width are drawn from [MIN, MAX] (default: 96 160)",
     )
+    parser.add_argument(
+        "--difficulty",
+        choices=sorted(DIFFICULTIES),
+        default="standard",
+        help="standard, or hard: thinner myocardium and RV, more shape, intensity, noise and shading variation",
+    )
     args = parser.parse_args(argv)
     with errors_as_messages(parser):
         folder = generate_synthetic_cardiac(
@@ -313,6 +366,7 @@ def main(argv: list[str] | None = None) -> Path:
             size_range=tuple(args.size_range),
             overwrite=args.overwrite,
             name=args.name,
+            difficulty=args.difficulty,
         )
     print(f"wrote {folder}")
     return folder

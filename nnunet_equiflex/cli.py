@@ -60,6 +60,7 @@ def _plan(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         preprocess=args.preprocess,
         num_processes=args.num_processes,
+        batch_size=args.batch_size,
     )
     return 0
 
@@ -99,6 +100,8 @@ def _main_job(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nnunet_equiflex.network import DEFAULT_PRESET, PRESETS
+
     parser = argparse.ArgumentParser(prog="nnunet-equiflex", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="forward a tiny network and print its equivariance error")
@@ -120,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="write EquiFlex plans for a dataset (nnU-Net's -pl cannot find our planner)")
     plan.add_argument("-d", "--dataset", required=True, help="dataset id or name, as for nnUNetv2_train")
-    plan.add_argument("--preset", default="vit_s8", help="network preset (default vit_s8)")
+    plan.add_argument(
+        "--preset", default=DEFAULT_PRESET, choices=list(PRESETS), help=f"network preset (default {DEFAULT_PRESET})"
+    )
     plan.add_argument(
         "--group",
         choices=("none", "d2", "d4"),
@@ -128,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="symmetry group of the planned network (d4 plans square patches; default: the preset's, d2)",
     )
     plan.add_argument("--gpu-memory-gb", type=float, default=8, help="GPU memory target for the batch size")
+    plan.add_argument(
+        "--batch-size", type=int, default=None, help="use this batch size instead of the memory model's choice"
+    )
     plan.add_argument("--plans-name", default="EquiFlexPlans", help="plans identifier (use with -p when training)")
     plan.add_argument("--overwrite", action="store_true", help="replace existing plans with different content")
     plan.add_argument("--preprocess", action="store_true", help="run nnU-Net's 2d preprocessing if it is missing")

@@ -193,26 +193,25 @@ def check_labels(labels: Path, cases: list[str], file_ending: str) -> None:
 
 
 def count_flops(network, num_channels: int, patch_size: tuple[int, ...]) -> float:
-    """FLOPs of one forward pass of ``network`` on one patch (torch's FlopCounterMode).
+    """FLOPs of one forward pass of ``network`` on one patch.
 
-    FlopCounterMode cannot trace compiled FlexAttention, so EquiFlex is counted with its dense-mask SDPA
-    backend (the same function): local attention counts as full attention, an upper bound for the
-    block-sparse flex kernel.
+    EquiFlex: analytic (``nnunet_equiflex.flops``, local attention over the window's pairs), because torch's
+    FlopCounterMode sees neither FlexAttention, the window backend nor SDPA on CPU; other networks (nnU-Net's
+    CNN): FlopCounterMode, which counts their convolutions.
     """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    encoder = getattr(network, "encoder", None)
-    backend = getattr(encoder, "attention_backend", None)
-    if backend is not None:
-        network.set_attention_backend("sdpa")
-    try:
-        x = torch.zeros(1, num_channels, *patch_size)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            network(x)
-    finally:
-        if backend is not None:
-            network.set_attention_backend(backend)
+    from nnunet_equiflex.flops import network_forward_flops
+
+    if hasattr(network, "arch_kwargs"):
+        try:
+            return float(network_forward_flops(network, patch_size)["total"])
+        except ValueError:  # GMR patch embedding: counted below, attention missing (a lower bound)
+            pass
+    x = torch.zeros(1, num_channels, *patch_size, device=next(network.parameters()).device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        network(x)
     return float(counter.get_total_flops())
 
 
@@ -550,7 +549,7 @@ def write_outputs(out_dir: Path, rows: list[MethodResult], class_names: list[str
         "\n\nDice: nnU-Net's evaluation (`compute_metrics_on_folder`), foreground mean per fold, then mean ± std "
         "over folds. s/case: wall time of predicting the test folder (preprocessing, sliding window, export) / "
         "cases, the better of the test-set and flipped-set runs, mean over folds. GFLOPs/tile: one forward pass "
-        "on one patch (FlopCounterMode; EquiFlex counted with dense-mask attention) x passes per tile. "
+        "on one patch (CNN: FlopCounterMode; EquiFlex: analytic, local attention over its window) x passes per tile. "
         "Flip consistency: "
         "fraction of voxels with pred(flip(x)) == flip(pred(x)) over cases and in-plane flips, through nnU-Net's "
         "predictor (whose sliding window is not mirror-symmetric: 1.0 only where padding and tiling happen to be), "

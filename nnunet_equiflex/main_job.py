@@ -44,7 +44,9 @@ SETTINGS = {
     },
 }
 # training lines worth showing while a network trains (the full output goes to WORK/logs)
-_PROGRESS = re.compile(r"Epoch \d|train_loss|val_loss|Pseudo dice|Epoch time|Mean Validation Dice|Training done")
+TRAINING_PROGRESS = re.compile(
+    r"Epoch \d|train_loss|val_loss|Pseudo dice|Epoch time|Mean Validation Dice|Training done"
+)
 
 
 class MainJobError(Exception):
@@ -134,7 +136,9 @@ def run_logged(args: list[str], env: dict[str, str], log: Path, show=lambda line
         raise MainJobError(f"`{' '.join(args)}` failed with exit code {code}; full output in {log}:\n{''.join(tail)}")
 
 
-class _Steps:
+class Steps:
+    """Named steps that leave a marker when done, so a rerun skips them."""
+
     def __init__(self, work: Path) -> None:
         self.folder = work / ".steps"
         self.times: dict[str, float] = {}
@@ -161,7 +165,7 @@ def run_main_job(
     _prepare_work_dir(work, settings, overwrite)
     env = job_env(work)
     logs = work / "logs"
-    steps = _Steps(work)
+    steps = Steps(work)
     start = time.perf_counter()
     print(f"main job ({settings['mode']}) in {work}", flush=True)
     dataset = str(DATASET_ID)
@@ -208,7 +212,7 @@ def run_main_job(
             args += ["-device", device]
             if (fold_dir / "checkpoint_latest.pth").is_file():
                 args.append("--c")  # resume an interrupted training
-            run_logged(args, env, logs / f"train_{trainer}.txt", show=lambda line: bool(_PROGRESS.search(line)))
+            run_logged(args, env, logs / f"train_{trainer}.txt", show=lambda line: bool(TRAINING_PROGRESS.search(line)))
 
         steps.run(f"train_{trainer}", train)
 

@@ -34,6 +34,9 @@ _VIT_S8 = dict(
 # The reference's variants (FlipModelK of "Look, No Convs!"): K lifted blocks, blocks 0-1 global, the rest local.
 _FLIP_MODEL_0 = dict(n_lifted_blocks=0, group_pooling="mean", n_global_blocks=2)  # its own training run
 
+# What EquiFlexTrainer and `nnunet-equiflex plan` use unless told otherwise.
+DEFAULT_PRESET = "vit_s8"
+
 PRESETS: dict[str, dict[str, Any]] = {
     # 4 lifted blocks, all global, max pooling (the first release's default).
     "vit_s8": dict(_VIT_S8, n_lifted_blocks=4, group_pooling="max"),

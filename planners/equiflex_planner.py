@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
-from nnunet_equiflex.network import preset_kwargs
+from nnunet_equiflex.network import DEFAULT_PRESET, preset_kwargs
 from nnunet_equiflex.planning import NETWORK_CLASS_NAME, batch_size_for_memory, fit_patch_size
 
 DEFAULT_PLANS_NAME = "EquiFlexPlans"
@@ -49,9 +49,10 @@ class EquiFlexPlanner(ExperimentPlanner):
         plans_name: str = DEFAULT_PLANS_NAME,
         overwrite_target_spacing: list[float] | tuple[float, ...] | None = None,
         suppress_transpose: bool = False,
-        preset: str = "vit_s8",
+        preset: str = DEFAULT_PRESET,
         network_overrides: dict[str, Any] | None = None,
         reuse_data_of_plans: str = "nnUNetPlans",
+        batch_size: int | None = None,
     ):
         super().__init__(
             dataset_name_or_id,
@@ -63,6 +64,9 @@ class EquiFlexPlanner(ExperimentPlanner):
         )
         self.network_kwargs = preset_kwargs(preset, **(network_overrides or {}))
         self.reuse_data_of_plans = reuse_data_of_plans
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.fixed_batch_size = batch_size
 
     def generate_data_identifier(self, configuration_name: str) -> str:
         # Preprocessing is nnU-Net's default, so its preprocessed 2d data serve as they are.
@@ -85,7 +89,7 @@ class EquiFlexPlanner(ExperimentPlanner):
             approximate_n_voxels_dataset * self.max_dataset_covered / np.prod(patch_size, dtype=np.float64)
         )
         plan["patch_size"] = patch_size
-        plan["batch_size"] = batch_size_for_memory(
+        plan["batch_size"] = self.fixed_batch_size or batch_size_for_memory(
             patch_size,
             num_channels,
             num_classes,
@@ -108,19 +112,21 @@ class EquiFlexPlanner(ExperimentPlanner):
 
 def plan_dataset(
     dataset: str | int,
-    preset: str = "vit_s8",
+    preset: str = DEFAULT_PRESET,
     gpu_memory_target_in_gb: float = 8,
     plans_name: str = DEFAULT_PLANS_NAME,
     network_overrides: dict[str, Any] | None = None,
     overwrite: bool = False,
     preprocess: bool = False,
     num_processes: int = 4,
+    batch_size: int | None = None,
 ) -> dict:
     """Plan ``dataset`` for EquiFlex and write ``<plans_name>.json`` next to nnU-Net's plans.
 
     Needs nnU-Net's fingerprint (``nnUNetv2_plan_and_preprocess -d D -c 2d`` or
     ``nnUNetv2_extract_fingerprint -d D``). Existing plans with different content are only
-    replaced with ``overwrite``; the file is written atomically.
+    replaced with ``overwrite``; the file is written atomically. ``batch_size`` replaces the memory
+    model's choice (for example nnU-Net's CNN batch, to compare networks at the same batch).
     """
     import json
     import os
@@ -138,7 +144,12 @@ def plan_dataset(
             f"(or `nnUNetv2_extract_fingerprint -d {dataset}`) first"
         )
     planner = EquiFlexPlanner(
-        name, gpu_memory_target_in_gb, plans_name=plans_name, preset=preset, network_overrides=network_overrides
+        name,
+        gpu_memory_target_in_gb,
+        plans_name=plans_name,
+        preset=preset,
+        network_overrides=network_overrides,
+        batch_size=batch_size,
     )
     plans = planner.plan_experiment()
     recursive_fix_for_json_export(plans)

@@ -1,6 +1,7 @@
 """The benchmark scripts still run and print their ratio tables (smallest settings; nothing timed
 is asserted: benchmarks report, tests only check that they work)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +48,22 @@ def test_inference_benchmark_runs():
     assert "## case 1x256x256" in out and "## case 1x300x280" in out
     assert "EquiFlex, EquiFlexPredictor" in out
     assert "Target 'EquiFlex single pass >= 4x faster per case than the CNN with TTA':" in out
+
+
+def test_frontier_quick_run_trains_compares_times_and_applies_the_rule(tmp_path):
+    out = run_benchmark("frontier.py", str(tmp_path / "frontier"), "--quick")
+    assert "budget (every network): 2 epochs x 4 iterations" in out and "machine: cpu" in out
+    for row in ("nnU-Net CNN (1 pass)", "nnU-Net CNN + TTA (4 passes)", "EquiFlex tiny (1 pass)"):
+        assert f"| {row} |" in out
+    assert "default rule (fastest EquiFlex preset within 1 point of the CNN with TTA):" in out
+    folder = tmp_path / "frontier" / "frontier"
+    rows = json.loads((folder / "frontier.json").read_text())["rows"]
+    cnn_tta = next(r for r in rows if r["row"] == "nnU-Net CNN + TTA (4 passes)")
+    tiny = next(r for r in rows if r["row"] == "EquiFlex tiny (1 pass)")
+    assert cnn_tta["passes"] == 4 and tiny["passes"] == 1 and cnn_tta["speedup_vs_cnn_tta"] == 1.0
+    assert 0.0 <= tiny["dice_mean"] <= 1.0 and tiny["seconds_per_case"] > 0 and tiny["train_s_per_iteration"] > 0
+    assert tiny["gflops_per_tile"] < cnn_tta["gflops_per_tile"]
+    assert (folder / "frontier.png").stat().st_size > 10_000 and (folder / "frontier.csv").is_file()
+    # a rerun resumes: every nnU-Net step is skipped, the timing and the table are redone
+    again = run_benchmark("frontier.py", str(tmp_path / "frontier"), "--quick")
+    assert "== train_EquiFlexTrainerTiny: done in an earlier run, skipped" in again

@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 import tifffile
 from PIL import Image
-from scipy.ndimage import binary_dilation
+from scipy.ndimage import binary_dilation, gaussian_filter
 
 from nnunet_equiflex.dataset_conversion import acdc, amos_mr, crossmoda, images_folder, spider, synthetic_cardiac
 from nnunet_equiflex.dataset_conversion.synthetic_cardiac import case_rng, generate_synthetic_cardiac, synthesize_slice
@@ -230,6 +230,31 @@ def _handedness(label: np.ndarray) -> int:
     axis = rv.mean(0) / np.linalg.norm(rv.mean(0))
     angle = np.arctan2(rv @ np.array([-axis[1], axis[0]]), rv @ axis)
     return int(np.sign(np.mean(angle**3)))
+
+
+def test_hard_difficulty_keeps_the_geometry_with_thinner_structures_and_more_noise():
+    standard = [synthesize_slice(case_rng(0, "train", i)) for i in range(30)]
+    hard = [synthesize_slice(case_rng(0, "train", i), difficulty="hard") for i in range(30)]
+    for a, b in zip(standard, hard):
+        assert a.metadata() == b.metadata()  # size, spacing, rotation, mirroring: the same case
+        assert set(np.unique(b.label)) == {0, 1, 2, 3}
+        around_lv = binary_dilation(b.label == 3) & (b.label != 3)
+        assert np.all(b.label[around_lv] == 2)  # still a closed myocardial ring
+
+    def myocardium_to_cavity(samples):
+        return np.mean([np.sum(s.label == 2) / np.sum(s.label == 3) for s in samples])
+
+    def background_noise(samples):  # relative spread of the image far from the heart, after removing shading
+        ratios = []
+        for s in samples:
+            corner = s.image[:16, :16].astype(float)
+            ratios.append(np.std(corner - gaussian_filter(corner, 3)) / (np.mean(s.image[s.label == 3]) + 1e-6))
+        return np.median(ratios)
+
+    assert myocardium_to_cavity(hard) < 0.7 * myocardium_to_cavity(standard)
+    assert background_noise(hard) > 1.5 * background_noise(standard)
+    with pytest.raises(ValueError, match="unknown difficulty 'extreme'; choose one of standard, hard"):
+        synthesize_slice(case_rng(0, "train", 0), difficulty="extreme")
 
 
 def test_synthetic_overwrite_protection(tmp_path):

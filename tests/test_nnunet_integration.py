@@ -149,9 +149,18 @@ ALL_TRAINERS = [
     "EquiFlexTrainer_5epochs",
     "EquiFlexTrainer_500epochs",
     "FlexTrainer",
+    "EquiFlexTrainerViTS8",
+    "EquiFlexTrainerFlip0",
+    "EquiFlexTrainerFlip2",
+    "EquiFlexTrainerFlip4",
+    "EquiFlexTrainerViTTi8",
+    "FlexTrainerFlip0",
     "EquiFlexTrainerTiny",
     "EquiFlexTrainerTiny_smoke",
     "FlexTrainerTiny_smoke",
+    "nnUNetTrainer_budget",
+    "EquiFlexTrainerFlip0_budget",
+    "EquiFlexTrainerTiny_budget",
 ]
 LOOKUP = (
     "import sys; from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find; "

@@ -11,10 +11,20 @@ a trainer through ``nnUNet_extTrainer``, so this file uses absolute imports only
 
 from __future__ import annotations
 
+import os
+
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_equiflex.trainers.equiflex_trainers import EquiFlexTrainerTiny
+from nnunet_equiflex.trainers.equiflex_trainers import (
+    EquiFlexTrainerFlip0,
+    EquiFlexTrainerFlip2,
+    EquiFlexTrainerFlip4,
+    EquiFlexTrainerTiny,
+    EquiFlexTrainerViTS8,
+    EquiFlexTrainerViTTi8,
+    FlexTrainerFlip0,
+)
 
 __all__ = [
     "SMOKE_BUDGET",
@@ -22,6 +32,16 @@ __all__ = [
     "nnUNetTrainer_equiflexSmoke",
     "nnUNetTrainer_equiflexDemo",
     "EquiFlexTrainerTiny_demo",
+    "BUDGET_ENV",
+    "budget_variant",
+    "nnUNetTrainer_budget",
+    "EquiFlexTrainerViTS8_budget",
+    "EquiFlexTrainerFlip0_budget",
+    "EquiFlexTrainerFlip2_budget",
+    "EquiFlexTrainerFlip4_budget",
+    "EquiFlexTrainerViTTi8_budget",
+    "EquiFlexTrainerTiny_budget",
+    "FlexTrainerFlip0_budget",
 ]
 
 # (epochs, training iterations per epoch, validation iterations per epoch)
@@ -47,6 +67,45 @@ class nnUNetTrainer_equiflexDemo(nnUNetTrainer):
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _set_budget(self, DEMO_BUDGET)
+
+
+BUDGET_ENV = "EQUIFLEX_BUDGET"
+
+
+def budget_from_env() -> tuple[int, int, int]:
+    """``EQUIFLEX_BUDGET=EPOCHS,ITERATIONS,VAL_ITERATIONS``: the budget of the ``*_budget`` trainers."""
+    value = os.environ.get(BUDGET_ENV, "")
+    try:
+        budget = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        budget = ()
+    if len(budget) != 3 or min(budget) < 1:
+        raise RuntimeError(
+            f"{BUDGET_ENV}={value!r}: the *_budget trainers take their budget from this variable, as three positive "
+            f"integers EPOCHS,ITERATIONS_PER_EPOCH,VALIDATION_ITERATIONS, e.g. export {BUDGET_ENV}=10,50,5"
+        )
+    return budget
+
+
+def budget_variant(base: type) -> type:
+    """``<base>_budget``: ``base`` with the budget of ``EQUIFLEX_BUDGET`` (benchmarks train every network the same)."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        base.__init__(self, plans, configuration, fold, dataset_json, device)
+        _set_budget(self, budget_from_env())
+
+    doc = f"{base.__name__} with the training budget of ${BUDGET_ENV} (EPOCHS,ITERATIONS,VALIDATION_ITERATIONS)."
+    return type(f"{base.__name__}_budget", (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+nnUNetTrainer_budget = budget_variant(nnUNetTrainer)
+EquiFlexTrainerViTS8_budget = budget_variant(EquiFlexTrainerViTS8)
+EquiFlexTrainerFlip0_budget = budget_variant(EquiFlexTrainerFlip0)
+EquiFlexTrainerFlip2_budget = budget_variant(EquiFlexTrainerFlip2)
+EquiFlexTrainerFlip4_budget = budget_variant(EquiFlexTrainerFlip4)
+EquiFlexTrainerViTTi8_budget = budget_variant(EquiFlexTrainerViTTi8)
+EquiFlexTrainerTiny_budget = budget_variant(EquiFlexTrainerTiny)
+FlexTrainerFlip0_budget = budget_variant(FlexTrainerFlip0)
 
 
 class EquiFlexTrainerTiny_demo(EquiFlexTrainerTiny):

@@ -17,7 +17,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-from nnunet_equiflex.network import EquiFlexFormer, preset_kwargs
+from nnunet_equiflex.network import DEFAULT_PRESET, EquiFlexFormer, preset_kwargs
 from nnunet_equiflex.optim import vit_param_groups
 from nnunet_equiflex.planning import check_2d, describes_equiflex, fit_patch_size, network_kwargs
 from nnunet_equiflex.schedules import WarmupPolyLRScheduler
@@ -30,6 +30,12 @@ __all__ = [
     "EquiFlexTrainer_250epochs",
     "EquiFlexTrainer_500epochs",
     "FlexTrainer",
+    "EquiFlexTrainerViTS8",
+    "EquiFlexTrainerFlip0",
+    "EquiFlexTrainerFlip2",
+    "EquiFlexTrainerFlip4",
+    "EquiFlexTrainerViTTi8",
+    "FlexTrainerFlip0",
     "EquiFlexTrainerTiny",
     "EquiFlexTrainerTiny_smoke",
     "FlexTrainerTiny_smoke",
@@ -84,7 +90,7 @@ class EquiFlexTrainer(nnUNetTrainer):
     mirrored sample equal those of the original for an equivariant network.
     """
 
-    network_preset = "vit_s8"
+    network_preset = DEFAULT_PRESET
     network_defaults: dict[str, Any] = {"drop_path_rate": 0.1}  # used when the plans do not name our network
     network_overrides: dict[str, Any] = {}  # what a variant is about; wins over the plans
 
@@ -200,6 +206,46 @@ class FlexTrainer(EquiFlexTrainer):
     mirror-consistent, so it keeps nnU-Net's mirroring augmentation and test-time mirroring."""
 
     network_overrides = {"group": "none"}
+
+
+def _preset_variant(base: type, name: str, preset: str, doc: str) -> type:
+    """A one-change subclass: the whole network shape of ``preset``, also over plans that name another."""
+    overrides = {**preset_kwargs(preset), **base.network_overrides}
+    attributes = {"network_preset": preset, "network_overrides": overrides, "__doc__": doc, "__module__": __name__}
+    return type(name, (base,), attributes)
+
+
+EquiFlexTrainerViTS8 = _preset_variant(
+    EquiFlexTrainer, "EquiFlexTrainerViTS8", "vit_s8", "ViT-S/8, 4 lifted blocks, all 4 global, max pooling."
+)
+EquiFlexTrainerFlip0 = _preset_variant(
+    EquiFlexTrainer,
+    "EquiFlexTrainerFlip0",
+    "vit_s8_flip0",
+    "ViT-S/8 as the reference's FlipModel0: lifted embedding (mean, folded into one pass), blocks 0-1 global.",
+)
+EquiFlexTrainerFlip2 = _preset_variant(
+    EquiFlexTrainer, "EquiFlexTrainerFlip2", "vit_s8_flip2", "ViT-S/8 as FlipModel2: 2 lifted global blocks, max."
+)
+EquiFlexTrainerFlip4 = _preset_variant(
+    EquiFlexTrainer,
+    "EquiFlexTrainerFlip4",
+    "vit_s8_flip4",
+    "ViT-S/8 as FlipModel4: 4 lifted blocks (0-1 global, 2-3 local), max pooling.",
+)
+EquiFlexTrainerViTTi8 = _preset_variant(
+    EquiFlexTrainer,
+    "EquiFlexTrainerViTTi8",
+    "vit_ti8",
+    "ViT-Ti/8 shape (192 wide, 3 heads, 12 blocks) with FlipModel0's lifting.",
+)
+
+FlexTrainerFlip0 = _preset_variant(
+    FlexTrainer,
+    "FlexTrainerFlip0",
+    "vit_s8_flip0",
+    "EquiFlexTrainerFlip0's ViT without the lifting (group none): its non-equivariant ablation, with TTA.",
+)
 
 
 class EquiFlexTrainerTiny(EquiFlexTrainer):

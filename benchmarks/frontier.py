@@ -1,0 +1,436 @@
+"""The Dice-cost frontier: nnU-Net's CNN and every EquiFlex preset, same data, fold and iteration budget.
+
+Through nnU-Net's real commands on a synthetic cardiac dataset made hard enough to separate the
+networks (``synthetic_cardiac --difficulty hard``: thin myocardium and RV, more shape, intensity,
+noise and shading variation):
+
+1. write the dataset; ``nnUNetv2_plan_and_preprocess -d D -c 2d``;
+2. ``nnunet-equiflex plan -d D --batch-size B`` with the CNN plan's batch size, so every network
+   trains on the same patch (nnU-Net's, a multiple of 8) and batch; the named preset trainers
+   (``EquiFlexTrainerFlip0`` ...) bring their network shape;
+3. ``nnUNetv2_train D 2d 0 -tr <trainer>_budget`` for each network with the same budget
+   (``EQUIFLEX_BUDGET``: epochs x iterations, validation iterations);
+4. ``nnunet-equiflex compare`` on the held-out test slices: Dice per class (nnU-Net's evaluation),
+   flip consistency; the CNN and the group-none ablation with and without mirroring TTA;
+5. timing, round-robin over all rows on the same machine state: seconds per case through
+   ``nnUNetPredictor.predict_single_npy_array`` (preprocessing, sliding window, export to a
+   segmentation) and the training step (forward + backward + optimizer step at the plans' batch and
+   patch); FLOPs per tile (EquiFlex analytic, the CNN by FlopCounterMode) and parameters.
+
+Prints one table (also ``frontier.md``/``.csv``/``.json``) and ``frontier.png`` (mean Dice against
+s/case), states the budget, the machine and the torch version, and applies the default-choice
+rule: the fastest EquiFlex preset whose mean Dice is within 1 point of the CNN with TTA. Every
+step leaves a marker; a rerun resumes (``--timing-only`` repeats just the timing, e.g. on an idle
+machine).
+
+    python benchmarks/frontier.py WORK                 # the README's run (hours on 2 CPU cores)
+    python benchmarks/frontier.py WORK --quick         # tiny data, tiny budget, tiny preset: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import csv
+import functools
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nnunet_equiflex.main_job import TRAINING_PROGRESS, Steps, job_env, run_logged
+
+DATASET_ID, DATASET_NAME = 902, "Dataset902_SyntheticCardiacHard"
+# (label, trainer without the _budget suffix, plans); the CNN first: it is the baseline
+NETWORKS = [
+    ("nnU-Net CNN", "nnUNetTrainer", "nnUNetPlans"),
+    ("EquiFlex vit_s8 (4 lifted, 4 global)", "EquiFlexTrainerViTS8", "EquiFlexPlans"),
+    ("EquiFlex vit_s8_flip2", "EquiFlexTrainerFlip2", "EquiFlexPlans"),
+    ("EquiFlex vit_s8_flip0", "EquiFlexTrainerFlip0", "EquiFlexPlans"),
+    ("EquiFlex vit_ti8", "EquiFlexTrainerViTTi8", "EquiFlexPlans"),
+    ("EquiFlex tiny", "EquiFlexTrainerTiny", "EquiFlexPlans"),
+    ("ViT-S/8 flip0, group none", "FlexTrainerFlip0", "EquiFlexPlans"),
+]
+PRESET_OF_TRAINER = {
+    "EquiFlexTrainerViTS8": "vit_s8",
+    "EquiFlexTrainerFlip2": "vit_s8_flip2",
+    "EquiFlexTrainerFlip0": "vit_s8_flip0",
+    "EquiFlexTrainerViTTi8": "vit_ti8",
+    "EquiFlexTrainerTiny": "tiny",
+}
+SETTINGS = {
+    "default": dict(num_train=200, num_test=30, size_range=[96, 128], budget=[12, 50, 5], repeats=3),
+    "quick": dict(num_train=16, num_test=4, size_range=[64, 72], budget=[2, 4, 2], repeats=1),
+}
+QUICK_NETWORKS = ("nnUNetTrainer", "EquiFlexTrainerTiny")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("work_dir", help="work folder (nnU-Net folders, logs, outputs); a rerun resumes")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny data and budget, CNN and tiny only")
+    parser.add_argument("--epochs", type=int, help="training epochs (default 12)")
+    parser.add_argument("--iterations", type=int, help="training iterations per epoch (default 50)")
+    parser.add_argument("--networks", nargs="*", help="trainer names to include (default: all of NETWORKS)")
+    parser.add_argument("--repeats", type=int, help="timing repeats per row (median)")
+    parser.add_argument("--timing-only", action="store_true", help="redo only the timing and the table")
+    parser.add_argument("--device", default="cpu")
+    return parser.parse_args()
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    settings = dict(SETTINGS["quick" if args.quick else "default"])
+    budget = list(settings["budget"])
+    budget[0] = args.epochs or budget[0]
+    budget[1] = args.iterations or budget[1]
+    settings["budget"] = budget
+    settings["repeats"] = args.repeats or settings["repeats"]
+    names = args.networks or (QUICK_NETWORKS if args.quick else [t for _, t, _ in NETWORKS])
+    settings["networks"] = [n for n in NETWORKS if n[1] in names]
+    if not settings["networks"] or settings["networks"][0][1] != "nnUNetTrainer":
+        raise SystemExit("the networks must include nnUNetTrainer: the CNN is every ratio's baseline")
+    return settings
+
+
+def spec(trainer: str, plans: str) -> str:
+    return f"{trainer}_budget__{plans}__2d"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# steps 1-4: nnU-Net's commands
+
+
+def prepare_and_train(work: Path, settings: dict, env: dict, steps: Steps, device: str) -> None:
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    dataset = str(DATASET_ID)
+
+    def generate() -> None:
+        from nnunet_equiflex.dataset_conversion.synthetic_cardiac import generate_synthetic_cardiac
+
+        generate_synthetic_cardiac(
+            env["nnUNet_raw"], DATASET_ID, settings["num_train"], settings["num_test"], seed=0,
+            size_range=tuple(settings["size_range"]), overwrite=True, name="SyntheticCardiacHard", difficulty="hard",
+        )  # fmt: skip
+
+    steps.run("dataset", generate)
+    steps.run(
+        "plan_and_preprocess",
+        lambda: run_logged(
+            ["nnUNetv2_plan_and_preprocess", "-d", dataset, "-c", "2d", "-np", "2"],
+            env,
+            logs / "plan_and_preprocess.txt",
+            show=lambda line: "%|" not in line and len(line) < 200,
+        ),  # fmt: skip
+    )
+    cnn_batch = str(load_plans(env, "nnUNetPlans")["configurations"]["2d"]["batch_size"])
+    steps.run(
+        "plan_equiflex",
+        lambda: run_logged(
+            ["nnunet-equiflex", "plan", "-d", dataset, "--batch-size", cnn_batch, "--overwrite"], env, logs / "plan.txt"
+        ),
+    )
+    results = Path(env["nnUNet_results"]) / DATASET_NAME
+    for _, trainer, plans in settings["networks"]:
+        fold_dir = results / spec(trainer, plans) / "fold_0"
+
+        def train(trainer=trainer, plans=plans, fold_dir=fold_dir) -> None:
+            args = ["nnUNetv2_train", dataset, "2d", "0", "-tr", f"{trainer}_budget", "-p", plans, "-device", device]
+            if (fold_dir / "checkpoint_latest.pth").is_file():
+                args.append("--c")  # resume an interrupted training
+            show = lambda line: bool(TRAINING_PROGRESS.search(line))  # noqa: E731
+            run_logged(args, env, logs / f"train_{trainer}.txt", show=show)
+
+        steps.run(f"train_{trainer}", train)
+
+
+def load_plans(env: dict, plans: str) -> dict:
+    return json.loads((Path(env["nnUNet_preprocessed"]) / DATASET_NAME / f"{plans}.json").read_text())
+
+
+def evaluate(work: Path, settings: dict, env: dict, steps: Steps, device: str) -> None:
+    raw = Path(env["nnUNet_raw"]) / DATASET_NAME
+    specs = [spec(t, p) for _, t, p in settings["networks"]]
+
+    def compare_step() -> None:
+        args = ["nnunet-equiflex", "compare", "-d", str(DATASET_ID), "-r", *specs, "-f", "0"]
+        args += ["-i", str(raw / "imagesTs"), "-l", str(raw / "labelsTs"), "-o", str(work / "compare")]
+        args += ["--overwrite", "--device", device]
+        run_logged(args, env, work / "logs" / "compare.txt", show=lambda line: not line.startswith("|"))
+
+    steps.run("compare", compare_step)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# step 5: timing, round-robin
+
+
+def trained_predictor(model_dir: Path, use_mirroring: bool, device: torch.device):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(
+        tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring, device=device,
+        perform_everything_on_device=device.type != "cpu", verbose=False, verbose_preprocessing=False,
+        allow_tqdm=False,
+    )  # fmt: skip
+    predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=(0,))
+    return predictor
+
+
+def test_cases(raw: Path) -> list[tuple[np.ndarray, dict]]:
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    reader = SimpleITKIO()
+    return [reader.read_images([str(p)]) for p in sorted((raw / "imagesTs").glob("*_0000.nii.gz"))]
+
+
+def training_step(predictor, device: torch.device):
+    """One optimizer step of the trained architecture at its plans' batch and patch (random data): a copy of
+    the predictor's network in training mode, the CNN with its deep supervision on, as nnU-Net trains them."""
+    import torch.nn.functional as F
+
+    network = copy.deepcopy(predictor.network).to(device).train()
+    equiflex = hasattr(network, "arch_kwargs")
+    if not equiflex:
+        network.decoder.deep_supervision = True  # what nnU-Net's set_deep_supervision_enabled switches
+    config = predictor.configuration_manager
+    batch, patch = config.batch_size, tuple(config.patch_size)
+    x = torch.randn(batch, len(predictor.dataset_json["channel_names"]), *patch, device=device)
+    target = torch.randint(0, predictor.label_manager.num_segmentation_heads, (batch, *patch), device=device)
+    if equiflex:
+        optimizer = torch.optim.AdamW(network.parameters(), lr=3e-4, weight_decay=5e-2)
+    else:
+        optimizer = torch.optim.SGD(network.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        outs = network(x)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        loss = sum(F.cross_entropy(o, target[:, :: patch[0] // o.shape[-2], :: patch[1] // o.shape[-1]]) for o in outs)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def measure_round_robin(calls: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per call of every callable, timed A B C A B C ... after one warm-up call each."""
+    for call in calls.values():
+        call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def timing(settings: dict, env: dict, device: torch.device) -> dict:
+    """s/case through the predictor (CNN and group-none rows also with TTA) and the training step, per row."""
+    from nnunet_equiflex.compare import count_flops
+
+    raw = Path(env["nnUNet_raw"]) / DATASET_NAME
+    cases = test_cases(raw)
+    results = Path(env["nnUNet_results"]) / DATASET_NAME
+    predict_calls, step_calls, info = {}, {}, {}
+    for label, trainer, plans in settings["networks"]:
+        model_dir = results / spec(trainer, plans)
+        with contextlib.redirect_stdout(io.StringIO()):
+            predictor = trained_predictor(model_dir, use_mirroring=False, device=device)
+        mirrors = tuple(predictor.allowed_mirroring_axes or ())
+        patch = tuple(predictor.configuration_manager.patch_size)
+        network = predictor.network
+        flops = count_flops(network, len(predictor.dataset_json["channel_names"]), patch)
+        params = sum(p.numel() for p in network.parameters())
+        modes = [(False, 1)] + ([(True, 2 ** len(mirrors))] if mirrors else [])
+        for use_mirroring, passes in modes:
+            row = f"{label} + TTA ({passes} passes)" if use_mirroring else f"{label} (1 pass)"
+            with contextlib.redirect_stdout(io.StringIO()):
+                row_predictor = trained_predictor(model_dir, use_mirroring, device) if use_mirroring else predictor
+            predict_calls[row] = functools.partial(predict_cases, row_predictor, cases)
+            info[row] = dict(trainer=trainer, spec=spec(trainer, plans), use_mirroring=use_mirroring, passes=passes,
+                             gflops_per_tile=flops * passes / 1e9, params=params, patch=list(patch),
+                             batch=predictor.configuration_manager.batch_size)  # fmt: skip
+        step_calls[label] = training_step(predictor, device)
+    print(f"timing {len(predict_calls)} prediction rows over {len(cases)} test cases, round-robin ...", flush=True)
+    seconds = measure_round_robin(predict_calls, settings["repeats"])
+    print(f"timing {len(step_calls)} training steps, round-robin ...", flush=True)
+    steps = measure_round_robin(step_calls, settings["repeats"])
+    for row, meta in info.items():
+        meta["seconds_per_case"] = seconds[row] / len(cases)
+        meta["train_s_per_iteration"] = steps[row.split(" (1 pass)")[0].split(" + TTA")[0]]
+    return info
+
+
+def predict_cases(predictor, cases) -> None:
+    with contextlib.redirect_stdout(io.StringIO()):
+        for image, properties in cases:
+            predictor.predict_single_npy_array(image, properties, None, None, False)
+
+
+def training_log_seconds_per_epoch(model_dir: Path) -> float:
+    """Median wall time of an epoch in nnU-Net's own log of the run (training + validation iterations)."""
+    checkpoint = torch.load(model_dir / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    log = checkpoint["logging"]
+    return float(np.median(np.array(log["epoch_end_timestamps"]) - np.array(log["epoch_start_timestamps"])))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the table, the rule, the chart
+
+
+def dice_rows(work: Path) -> dict[tuple[str, bool], dict]:
+    """compare's rows by (result spec, TTA), the first row of each (nnU-Net's own predictor)."""
+    rows = json.loads((work / "compare" / "results.json").read_text())["rows"]
+    by_key: dict[tuple[str, bool], dict] = {}
+    for row in rows:
+        by_key.setdefault((row["spec"], row["use_mirroring"]), row)
+    return by_key
+
+
+def build_table(work: Path, settings: dict, env: dict, info: dict) -> list[dict]:
+    dice = dice_rows(work)
+    results = Path(env["nnUNet_results"]) / DATASET_NAME
+    table = []
+    for row, meta in info.items():
+        scores = dice[(meta["spec"], meta["use_mirroring"])]
+        epoch_s = training_log_seconds_per_epoch(results / meta["spec"])
+        table.append(dict(row=row, **meta, dice_per_class=scores["dice_per_class"], dice_mean=scores["dice_mean"],
+                          flip_consistency=scores["flip_consistency"], train_s_per_epoch_log=epoch_s))  # fmt: skip
+    baseline = next(r for r in table if r["trainer"] == "nnUNetTrainer" and r["use_mirroring"])
+    for r in table:
+        r["speedup_vs_cnn_tta"] = baseline["seconds_per_case"] / r["seconds_per_case"]
+        r["dice_vs_cnn_tta_points"] = 100 * (r["dice_mean"] - baseline["dice_mean"])
+    return table
+
+
+def choose_default(table: list[dict]) -> dict | None:
+    """The fastest EquiFlex preset (one pass) whose mean Dice is within 1 point of the CNN with TTA."""
+    baseline = next(r for r in table if r["trainer"] == "nnUNetTrainer" and r["use_mirroring"])
+    eligible = [
+        r for r in table if r["trainer"] in PRESET_OF_TRAINER and r["dice_mean"] >= baseline["dice_mean"] - 0.01
+    ]
+    return min(eligible, key=lambda r: r["seconds_per_case"]) if eligible else None
+
+
+def markdown(table: list[dict]) -> str:
+    classes = list(table[0]["dice_per_class"])
+    header = ["method", *(f"Dice {c}" for c in classes), "mean Dice", "vs CNN+TTA (points)", "s/case",
+              "speed-up vs CNN+TTA", "GFLOPs/tile", "params", "train s/iter (step)", "train s/epoch (log)",
+              "flip consistency"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in table:
+        cells = [r["row"], *(f"{r['dice_per_class'][c]:.4f}" for c in classes), f"{r['dice_mean']:.4f}",
+                 f"{r['dice_vs_cnn_tta_points']:+.2f}", f"{r['seconds_per_case']:.4f}",
+                 f"{r['speedup_vs_cnn_tta']:.2f}x", f"{r['gflops_per_tile']:.2f}", f"{r['params']:,}",
+                 f"{r['train_s_per_iteration']:.3f}", f"{r['train_s_per_epoch_log']:.1f}",
+                 f"{r['flip_consistency']:.5f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def chart(path: Path, table: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in table:
+        marker = "s" if r["trainer"] == "nnUNetTrainer" else ("^" if r["trainer"].startswith("Flex") else "o")
+        ax.scatter(r["seconds_per_case"], r["dice_mean"], marker=marker, s=50)
+        ax.annotate(r["row"], (r["seconds_per_case"], r["dice_mean"]), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")  # fmt: skip
+    baseline = next(r for r in table if r["trainer"] == "nnUNetTrainer" and r["use_mirroring"])
+    ax.axhline(baseline["dice_mean"] - 0.01, color="grey", linestyle=":", linewidth=1)
+    ax.text(ax.get_xlim()[0], baseline["dice_mean"] - 0.01, " CNN+TTA - 1 point", fontsize=7, va="bottom")
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds per case through nnU-Net's predictor (log scale)")
+    ax.set_ylabel("mean Dice (foreground classes)")
+    ax.set_title("Dice-cost frontier: EquiFlex presets vs nnU-Net's CNN (same budget, fold 0)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine_line(device: torch.device) -> str:
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return (
+        f"machine: {device.type} ({where}), {os.cpu_count()} logical cores, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, python {platform.python_version()}"
+    )
+
+
+def write_outputs(out: Path, table: list[dict], header: list[str]) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = choose_default(table)
+    rule = (
+        f"default rule (fastest EquiFlex preset within 1 point of the CNN with TTA): {chosen['trainer']} "
+        f"({PRESET_OF_TRAINER[chosen['trainer']]}), {chosen['speedup_vs_cnn_tta']:.2f}x faster per case, "
+        f"{chosen['dice_vs_cnn_tta_points']:+.2f} points"
+        if chosen
+        else "default rule (fastest EquiFlex preset within 1 point of the CNN with TTA): no preset qualifies"
+    )
+    text = "\n".join(header) + "\n\n" + markdown(table) + "\n\n" + rule + "\n"
+    (out / "frontier.md").write_text(text)
+    (out / "frontier.json").write_text(json.dumps({"header": header, "rows": table, "rule": rule}, indent=2))
+    with open(out / "frontier.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[k for k in table[0] if k != "dice_per_class"])
+        writer.writeheader()
+        writer.writerows({k: v for k, v in r.items() if k != "dice_per_class"} for r in table)
+    chart(out / "frontier.png", table)
+    return text
+
+
+def main() -> None:
+    args = parse_args()
+    settings = run_settings(args)
+    work = Path(args.work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    (work / ".steps").mkdir(exist_ok=True)
+    record = work / "settings.json"
+    saved = {k: v for k, v in settings.items() if k != "repeats"}
+    if record.is_file() and json.loads(record.read_text()) != json.loads(json.dumps(saved)):
+        raise SystemExit(f"{work} holds a frontier run with other settings ({record}); choose another folder")
+    record.write_text(json.dumps(saved, indent=2))
+    env = job_env(work)
+    epochs, iterations, val_iterations = settings["budget"]
+    env["EQUIFLEX_BUDGET"] = f"{epochs},{iterations},{val_iterations}"
+    os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer")})
+    steps = Steps(work)
+    device = torch.device(args.device)
+    if not args.timing_only:
+        prepare_and_train(work, settings, env, steps, args.device)
+        evaluate(work, settings, env, steps, args.device)
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "2")))
+    info = timing(settings, env, device)
+    table = build_table(work, settings, env, info)
+    plans = load_plans(env, "EquiFlexPlans")["configurations"]["2d"]
+    header = [
+        "# Dice-cost frontier (benchmarks/frontier.py)",
+        f"command: {' '.join([os.path.relpath(sys.executable), *sys.argv])}",
+        machine_line(device),
+        f"data: {DATASET_NAME}, {settings['num_train']} training / {settings['num_test']} test slices of "
+        f"{settings['size_range'][0]}-{settings['size_range'][1]} px (synthetic_cardiac --difficulty hard), fold 0",
+        f"budget (every network): {epochs} epochs x {iterations} iterations (+{val_iterations} validation iterations "
+        f"per epoch), batch {plans['batch_size']}, patch {plans['patch_size']} = {epochs * iterations} iterations",
+        "Dice: nnU-Net's evaluation on the test slices; s/case: predict_single_npy_array per test case (median of "
+        f"{settings['repeats']} round-robin repeats); train s/iter: one optimizer step at the plans' batch and patch "
+        "(round-robin); train s/epoch: median epoch wall time in nnU-Net's training log (other jobs may have shared "
+        "the machine then); GFLOPs/tile: one forward pass x passes (EquiFlex analytic, CNN FlopCounterMode)",
+    ]
+    print(write_outputs(work / "frontier", table, header))
+    print(f"outputs: {work / 'frontier'} (frontier.md, .csv, .json, .png)")
+
+
+if __name__ == "__main__":
+    main()
