@@ -57,25 +57,26 @@ def estimate_training_vram_gb(
 ) -> float:
     """Rough peak GPU memory of one training step under mixed precision, in GB.
 
-    Activations kept for backward dominate: about ``34 * tokens * embed_dim`` bytes per
-    block and sample in 16-bit (LayerNorms, qkv, attention output, the 4x MLP), with the
-    lifted blocks counted once per group element; local attention adds no ``tokens**2``
-    term (FlexAttention and memory-efficient SDPA do not store the score matrix). The
-    full-resolution head stores a few maps per class and refinement channel. Parameters,
-    gradients and AdamW state take 16 bytes per parameter; 1.5 GB covers the CUDA context
-    and allocator slack.
+    Activations kept for backward dominate. Per block, token and sample a pre-norm block keeps
+    ``9 * embed_dim + 2 * mlp_hidden`` 16-bit values (both LayerNorm outputs, q, k and v, the
+    attention output, its projection, the residual, the MLP's hidden layer before and after GELU
+    and its output), counted once per group element for the lifted blocks; attention adds no
+    ``tokens**2`` term (FlexAttention and flash/memory-efficient SDPA do not store the score
+    matrix, whether the block is global or local). The full-resolution head stores a few maps per
+    class and refinement channel. Parameters, gradients and AdamW state take 16 bytes per
+    parameter; 1.5 GB covers the CUDA context and allocator slack.
     """
     p, d, depth = kwargs["patch_size"], kwargs["embed_dim"], kwargs["depth"]
     n_lifted = kwargs.get("n_lifted_blocks", 0)
     copies = len(group_elements(kwargs.get("group", "d2")))
+    mlp_hidden = int(d * kwargs.get("mlp_ratio", 4.0))
     tokens = (patch_size[0] // p) * (patch_size[1] // p) + 1
     block_evals = n_lifted * copies + (depth - n_lifted)
-    per_sample = 34 * tokens * d * block_evals
+    per_sample = 2 * (9 * d + 2 * mlp_hidden) * tokens * block_evals
     pixels = patch_size[0] * patch_size[1]
     head_channels = num_classes + (2 * kwargs.get("refine_dim", 32) if kwargs.get("refine") else 0)
     per_sample += 4 * pixels * (head_channels + in_channels) * 3
-    mlp_ratio = kwargs.get("mlp_ratio", 4.0)
-    params = depth * (4 + 2 * mlp_ratio) * d * d + in_channels * p * p * d
+    params = depth * (4 * d * d + 2 * mlp_hidden * d) + in_channels * p * p * d
     return (batch_size * per_sample + 16 * params) / 1e9 + 1.5
 
 

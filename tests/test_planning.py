@@ -1,0 +1,30 @@
+"""The ViT memory model behind the planner's batch sizes."""
+
+import pytest
+
+from nnunet_equiflex.network import PRESETS, preset_kwargs
+from nnunet_equiflex.planning import batch_size_for_memory, estimate_training_vram_gb
+
+
+def test_memory_model_counts_every_block_activation():
+    kwargs = preset_kwargs("vit_s8_flip0")
+    one, two = (estimate_training_vram_gb((256, 224), b, 1, 4, kwargs) for b in (1, 2))
+    tokens, d = 32 * 28 + 1, 384
+    per_sample_blocks = 2 * (9 * d + 2 * 4 * d) * tokens * 12  # 34 bytes per token and channel, 12 blocks
+    head = 4 * 256 * 224 * (4 + 1) * 3
+    assert (two - one) * 1e9 == pytest.approx(per_sample_blocks + head)
+
+
+def test_lifted_copies_and_width_order_the_batch_sizes():
+    def batch(preset):
+        return batch_size_for_memory((256, 224), 1, 4, preset_kwargs(preset), 8.0, max_batch_size=512)
+
+    # 4 lifted blocks run on 4 copies: vit_s8 fits the smallest batch; the 192-wide ViT-Ti/8 the largest
+    assert batch("vit_s8") < batch("vit_s8_flip2") < batch("vit_s8_flip0") < batch("vit_ti8")
+    assert batch("vit_s8_flip4") == batch("vit_s8")  # global or local does not change the stored activations
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_gets_a_batch_within_the_bounds(preset):
+    b = batch_size_for_memory((160, 160), 1, 3, preset_kwargs(preset), 8.0, max_batch_size=40, min_batch_size=2)
+    assert 2 <= b <= 40
