@@ -133,7 +133,7 @@ def test_tiles_put_a_window_in_fewer_blocks():
 
 
 @pytest.mark.parametrize("shape", [(2, 2, 32, 40), (1, 2, 36, 28)])
-def test_network_output_is_the_same_in_every_token_layout(shape):
+def test_network_output_is_the_same_in_every_token_layout_and_backend(shape):
     net = tiny_network(num_register_tokens=1, window_dilation=2, alternate_dilation=True)
     x = torch.randn(*shape)
     with torch.no_grad():
@@ -143,6 +143,8 @@ def test_network_output_is_the_same_in_every_token_layout(shape):
         for layout in ("row", "tile4", "tile3"):
             net.set_flex_token_layout(layout)
             assert (net(x) - reference).abs().max().item() < 1e-4, layout
+        net.set_attention_backend("window")
+        assert (net(x) - reference).abs().max().item() < 1e-4, "window"
 
 
 def test_auto_token_layout_choice():
