@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+from nnunet_equiflex.atomic import remove_stale_partials
 
 
 def symmetric_steps(image_size: int, tile_size: int, tile_step_size: float) -> list[int]:
@@ -106,10 +109,24 @@ class EquiFlexPredictor(nnUNetPredictor):
             weights[sl[1:]] += gaussian.reshape(weights[sl[1:]].shape)
         return logits / weights
 
+    def _manage_input_and_output_lists(
+        self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files, *args, **kwargs
+    ):
+        """Before nnU-Net lists what is left to predict, delete the partial files of killed runs (see
+        ``nnunet_equiflex.atomic_export``); they never count as outputs, but should not pile up."""
+        outputs = output_folder_or_list_of_truncated_output_files
+        folders = {outputs} if isinstance(outputs, str) else {os.path.dirname(o) for o in outputs or []}
+        for folder in folders:
+            remove_stale_partials(folder)
+        return super()._manage_input_and_output_lists(list_of_lists_or_source_folder, outputs, *args, **kwargs)
+
 
 def predict_entry_point() -> None:
     """``nnunet-equiflex predict``: nnUNetv2_predict's exact command line, with EquiFlexPredictor."""
     import nnunetv2.inference.predict_from_raw_data as nnunet_predict
 
+    from nnunet_equiflex.atomic_export import install_atomic_exports
+
     nnunet_predict.nnUNetPredictor = EquiFlexPredictor  # this process only; the entry point reads the name
+    install_atomic_exports(nnunet_predict)  # each case's files appear complete or not at all
     nnunet_predict.predict_entry_point()

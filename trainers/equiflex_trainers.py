@@ -17,9 +17,12 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
+from nnunet_equiflex.atomic import atomic_write, remove_stale_partials
+from nnunet_equiflex.fault_injection import checkpoint_stream
 from nnunet_equiflex.network import DEFAULT_PRESET, EquiFlexFormer, preset_kwargs
 from nnunet_equiflex.optim import vit_param_groups
 from nnunet_equiflex.planning import check_2d, describes_equiflex, fit_patch_size, network_kwargs
+from nnunet_equiflex.resume import choose_checkpoint
 from nnunet_equiflex.schedules import WarmupPolyLRScheduler
 
 __all__ = [
@@ -106,6 +109,7 @@ class EquiFlexTrainer(nnUNetTrainer):
         dataset_json: dict,
         device: torch.device = torch.device("cuda"),
     ):
+        self.continuing_training = bool(plans.get("continue_training", False))  # --c; nnUNetTrainer pops the key
         # Fail before nnU-Net creates folders and logs for a run that cannot work.
         check_patch_fits_group(type(self), plans, configuration)
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -181,6 +185,29 @@ class EquiFlexTrainer(nnUNetTrainer):
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
             self.optimizer.step()
         return {"loss": loss.detach().cpu().numpy()}
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written atomically (see ``nnunet_equiflex.atomic``): a kill during the write
+        leaves the previous file of that name intact, never a truncated one."""
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return super().save_checkpoint(filename)  # nothing is written there
+        with atomic_write(filename) as f:
+            # nnU-Net builds the checkpoint and hands its target to torch.save, which also takes a file object.
+            super().save_checkpoint(checkpoint_stream(f, os.path.basename(filename)))
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """For --c, an unreadable checkpoint is skipped for the next readable one (final, latest, best) with one
+        log line; with --val, or when none is readable, the run stops with a message saying what to do."""
+        if isinstance(filename_or_checkpoint, (str, os.PathLike)):
+            chosen = choose_checkpoint(filename_or_checkpoint, self.continuing_training, self.print_to_log_file)
+            filename_or_checkpoint = str(chosen)
+        super().load_checkpoint(filename_or_checkpoint)
+
+    def on_train_start(self):
+        super().on_train_start()
+        if self.local_rank == 0:
+            for path in remove_stale_partials(self.output_folder):
+                self.print_to_log_file(f"removed {path.name}: a checkpoint write cut off by a kill")
 
 
 EquiFlexTrainer.build_network_architecture = _make_builder(EquiFlexTrainer)
