@@ -17,6 +17,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
+import nnunet_equiflex.nnunet_patch  # noqa: F401  nnU-Net's predictor: mirror-symmetric window for our networks
 from nnunet_equiflex.network import EquiFlexFormer, preset_kwargs
 from nnunet_equiflex.optim import vit_param_groups
 from nnunet_equiflex.planning import check_2d, describes_equiflex, fit_patch_size, network_kwargs
