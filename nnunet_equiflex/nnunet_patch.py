@@ -41,6 +41,7 @@ __all__ = [
     "is_installed",
     "switched_on",
     "is_equiflex_network",
+    "unwrap_network",
     "uses_symmetric_window",
 ]
 
@@ -96,6 +97,7 @@ def _wrapped(name: str) -> bool:
 
 
 def is_installed() -> bool:
+    """Whether nnUNetPredictor's window methods are our wrappers."""
     return all(_wrapped(name) for name in SYMMETRIC_WINDOW)
 
 
