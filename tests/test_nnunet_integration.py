@@ -138,8 +138,7 @@ def test_nnunets_own_window_is_exact_where_padding_and_tiling_are_symmetric(pred
 
 def test_nnunets_own_window_is_not_exact_on_odd_padding(predictor, switched_off):
     """What the patch fixes: an odd padding difference shifts the flipped image by one pixel in the padded frame."""
-    agreements = [agreement for agreement, _ in _mirror_agreement(predictor, (41, 45))]
-    assert min(agreements) < 1.0 and min(agreements) > 0.98
+    assert min(agreement for agreement, _ in _mirror_agreement(predictor, (41, 45))) < 1.0
 
 
 def test_mirroring_tta_on_and_off_are_identical(predictor):
