@@ -9,10 +9,12 @@ flip-consistency score: the fraction of voxels where pred(flip(x)) == flip(pred(
 their in-plane flips.
 
 Flip consistency is measured through nnU-Net's whole pipeline (resampling, padding, sliding window, export).
-Its predictor pads odd size differences asymmetrically, rounds tile starts, centres its Gaussian off by half a
-pixel and sums tiles in float16, so even an exactly equivariant network is not 100% consistent on every image
-size; the numbers are measured, not assumed. EquiFlex models are also run through ``EquiFlexPredictor`` (the
-mirror-symmetric sliding window of ``nnunet-equiflex predict``), the "symmetric window" row.
+nnU-Net's own sliding window is not mirror-symmetric (it pads odd size differences asymmetrically, rounds tile
+starts, centres its Gaussian off by half a pixel and sums tiles in float16), so no network is 100% consistent
+through it on every image size. For our networks nnU-Net's predictor runs the mirror-symmetric window instead
+(``nnunet_equiflex/nnunet_patch.py``, installed with our trainers), so the EquiFlex row is the figure users get
+from ``nnUNetv2_predict``. Where that patch is off (``EQUIFLEX_SYMMETRIC_PREDICTOR=0``, an
+untested nnunetv2), the row says "nnU-Net's window". The numbers are measured, not assumed.
 
     nnunet-equiflex compare -d 900 -r EquiFlexTrainerTiny_smoke__EquiFlexPlans__2d \\
         nnUNetTrainer_equiflexSmoke__nnUNetPlans__2d \\
@@ -29,6 +31,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -321,6 +324,213 @@ def _prepare_output(out_dir: Path, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
+TestSets = dict[int, tuple[dict[str, list[Path]], Path]]  # fold -> (case -> channel files, labels folder)
+
+
+@dataclass
+class _Tally:
+    """What the runs of every spec and fold add up to, keyed by table row."""
+
+    rows: dict[str, MethodResult] = field(default_factory=dict)
+    metrics: dict[str, list[dict]] = field(default_factory=dict)  # nnU-Net's evaluation, per fold
+    flip_scores: dict[str, list[tuple[float, int, int]]] = field(default_factory=dict)
+    class_names: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Setting:
+    """The inputs every run shares."""
+
+    specs: list[ResultSpec]
+    model_dirs: dict[ResultSpec, Path]
+    folds: list[int]
+    dataset_json: dict
+    test_sets: TestSets
+    flipped_sets: dict[int, dict[str, list[Path]]]
+    axes: tuple[int, ...]
+    out_dir: Path
+    device: str
+    tile_step_size: float
+    log: Callable[[str], None]
+
+    @property
+    def ending(self) -> str:
+        return self.dataset_json["file_ending"]
+
+    @property
+    def num_channels(self) -> int:
+        return _num_channels(self.dataset_json)
+
+
+def _num_channels(dataset_json: dict) -> int:
+    return len(dataset_json.get("channel_names", dataset_json.get("modality", {"0": ""})))
+
+
+def _parse_specs(specs: list[str | ResultSpec], test_images, test_labels) -> list[ResultSpec]:
+    specs = [s if isinstance(s, ResultSpec) else ResultSpec.parse(s) for s in specs]
+    if not specs:
+        raise CompareError("give at least one result spec TRAINER__PLANS__CONFIGURATION")
+    if (test_images is None) != (test_labels is None):
+        raise CompareError("give both --test-images and --test-labels, or neither (cross-validation cases)")
+    return specs
+
+
+def _let_nnunet_find_our_trainers() -> None:
+    from nnunet_equiflex.discovery import trainers_dir
+
+    ours = str(trainers_dir())
+    ext = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+    if ours not in ext:
+        os.environ["nnUNet_extTrainer"] = os.pathsep.join([*ext, ours])
+
+
+def _test_sets(dataset_name: str, folds: list[int], dataset_json: dict, test_images, test_labels, log) -> TestSets:
+    ending, num_channels = dataset_json["file_ending"], _num_channels(dataset_json)
+    if test_images is not None:
+        cases = raw_cases(Path(test_images), ending, num_channels)
+        check_labels(Path(test_labels), list(cases), ending)
+        log(f"test set: {len(cases)} cases from {test_images}")
+        return {f: (cases, Path(test_labels)) for f in folds}
+    raw, _ = _nnunet_paths()
+    if raw is None:
+        raise CompareError("no test folder given and nnUNet_raw is not set: cannot find the validation cases")
+    raw_dir = raw / dataset_name
+    split_file = Path(os.environ.get("nnUNet_preprocessed", "")) / dataset_name / "splits_final.json"
+    if not split_file.is_file():
+        raise CompareError(f"no test folder given and no {split_file} for the cross-validation cases")
+    splits = json.loads(split_file.read_text())
+    all_cases = raw_cases(raw_dir / "imagesTr", ending, num_channels)
+    test_sets = {}
+    for f in folds:
+        if f >= len(splits):
+            raise CompareError(f"fold {f} is not in {split_file} ({len(splits)} folds)")
+        val = {c: all_cases[c] for c in splits[f]["val"] if c in all_cases}
+        test_sets[f] = (val, raw_dir / "labelsTr")
+    log(f"no test folder: each fold predicts its validation cases from {raw_dir / 'imagesTr'}")
+    return test_sets
+
+
+def _flipped_sets(test_sets: TestSets, out_dir: Path, axes: tuple[int, ...], ending: str, log):
+    """Mirrored copies of each fold's cases; folds that share a test set share its copies."""
+    done: dict[int, dict] = {}
+    flipped_sets = {}
+    for f, (cases, _) in test_sets.items():
+        key = id(cases)
+        if key not in done:
+            done[key] = write_flipped_inputs(cases, out_dir / "flipped_inputs" / f"fold_{f}", axes, ending)
+        flipped_sets[f] = done[key]
+    log(f"flip check: mirrored copies along array axes {axes} written to {out_dir / 'flipped_inputs'}")
+    return flipped_sets
+
+
+def _load_predictor(setting: _Setting, spec: ResultSpec, fold: int):
+    """nnU-Net's own predictor; for our networks it runs the mirror-symmetric window (``nnunet_patch``)."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    import nnunet_equiflex.nnunet_patch  # noqa: F401  also installed when nnU-Net imports our trainers
+
+    with _Quiet():  # the predictor prints a note about perform_everything_on_device on CPU
+        predictor = nnUNetPredictor(
+            tile_step_size=setting.tile_step_size,
+            use_gaussian=True,
+            use_mirroring=True,
+            perform_everything_on_device=setting.device != "cpu",
+            device=torch.device(setting.device),
+            verbose=False,
+            verbose_preprocessing=False,
+            allow_tqdm=False,
+        )
+        predictor.initialize_from_trained_model_folder(str(setting.model_dirs[spec]), use_folds=(fold,))
+    return predictor
+
+
+def _method_label(setting: _Setting, spec: ResultSpec, use_mirroring: bool, passes: int, nnunet_window: bool) -> str:
+    label = f"{spec.family} + TTA ({passes} passes)" if use_mirroring else f"{spec.family} (1 pass)"
+    if nnunet_window:  # one of our networks, but the patch is switched off or not installed
+        label = label[:-1] + ", nnU-Net's window)"
+    if len(setting.specs) > len({s.family for s in setting.specs}):
+        label += f" [{spec.trainer}]"
+    return label
+
+
+def _evaluate_fold(setting: _Setting, tally: _Tally, spec: ResultSpec, fold: int, flip_check: bool) -> None:
+    """Predict one fold's test set with one result spec, with and (if it allows TTA) without mirroring."""
+    import torch
+
+    from nnunet_equiflex.nnunet_patch import is_equiflex_network, uses_symmetric_window
+
+    predictor = _load_predictor(setting, spec, fold)
+    network = predictor.network.eval()
+    patch = tuple(predictor.configuration_manager.patch_size)
+    axes_ckpt = tuple(predictor.allowed_mirroring_axes or ())
+    modes = [(True, 2 ** len(axes_ckpt)), (False, 1)] if axes_ckpt else [(False, 1)]
+    tally.class_names = tally.class_names or _class_names(predictor.dataset_json, predictor.label_manager)
+    params = sum(p.numel() for p in network.parameters())
+    flops = count_flops(network, setting.num_channels, patch)
+    with torch.no_grad():  # warm-up (FlexAttention compiles on its first call): not part of s/case
+        network(torch.zeros(1, setting.num_channels, *patch, device=predictor.device))
+    nnunet_window = is_equiflex_network(network) and not uses_symmetric_window(predictor)
+    for use_mirroring, passes in modes:
+        label = _method_label(setting, spec, use_mirroring, passes, nnunet_window)
+        row = tally.rows.setdefault(
+            label, MethodResult(label, str(spec), use_mirroring, passes, setting.folds, params=params)
+        )
+        row.gflops_per_pass = flops / 1e9
+        row.gflops_per_tile = flops * passes / 1e9
+        predictor.use_mirroring = use_mirroring
+        _run_mode(setting, tally, predictor, row, fold, flip_check)
+
+
+def _run_mode(setting: _Setting, tally: _Tally, predictor, row: MethodResult, fold: int, flip_check: bool) -> None:
+    """Predict, evaluate and (with ``flip_check``) predict the flipped copies; add the fold to ``row``."""
+    label, spec, use_mirroring = row.method, row.spec, predictor.use_mirroring
+    cases, labels_dir = setting.test_sets[fold]
+    pred_dir = setting.out_dir / "predictions" / f"{spec}__{'tta' if use_mirroring else 'notta'}" / f"fold_{fold}"
+    setting.log(f"[{label}] fold {fold}: predicting {len(cases)} cases (mirroring {use_mirroring}) ...")
+    seconds = _predict(predictor, cases, pred_dir)
+    metrics = _dice(
+        labels_dir, pred_dir, setting.dataset_json, predictor.label_manager,
+        predictor.plans_manager.image_reader_writer_class(),
+    )  # fmt: skip
+    previous = 0.0 if np.isnan(row.seconds_per_case) else row.seconds_per_case  # summed over folds
+    row.seconds_per_case = previous + seconds / len(cases)
+    row.prediction_dirs.append(str(pred_dir))
+    tally.metrics.setdefault(label, []).append(metrics)
+    setting.log(
+        f"[{label}] fold {fold}: mean Dice {metrics['foreground_mean']['Dice']:.4f}, {seconds / len(cases):.3f} s/case"
+    )
+    if not flip_check:
+        return
+    flipped = setting.flipped_sets[fold]
+    flip_dir = pred_dir.parent / f"fold_{fold}_flipped"
+    flip_seconds = _predict(predictor, flipped, flip_dir) / len(flipped)
+    # s/case: the better of the two timed runs (the machine may be shared)
+    row.seconds_per_case = previous + min(seconds / len(cases), flip_seconds)
+    score = flip_consistency(pred_dir, flip_dir, sorted(cases), setting.axes, setting.ending)
+    tally.flip_scores.setdefault(label, []).append(score)
+    setting.log(f"[{label}] fold {fold}: flip consistency {score[0]:.5f} ({score[1]}/{score[2]} exact)")
+
+
+def _finish_rows(tally: _Tally, num_folds: int, flip_check: bool) -> list[MethodResult]:
+    """Means over folds."""
+    rows = []
+    for label, row in tally.rows.items():
+        metrics = tally.metrics[label]
+        row.seconds_per_case /= num_folds
+        row.dice_per_fold = [float(m["foreground_mean"]["Dice"]) for m in metrics]
+        row.dice_mean = float(np.mean(row.dice_per_fold))
+        row.dice_std = float(np.std(row.dice_per_fold))
+        for key, name in tally.class_names.items():
+            row.dice_per_class[name] = float(np.mean([_class_dice(m, key) for m in metrics]))
+        if flip_check:
+            scores = tally.flip_scores[label]
+            row.flip_consistency = float(np.mean([s[0] for s in scores]))
+            row.flip_consistent_cases = f"{sum(s[1] for s in scores)}/{sum(s[2] for s in scores)}"
+        rows.append(row)
+    return rows
+
+
 def compare(
     dataset: str | int,
     specs: list[str | ResultSpec],
@@ -341,162 +551,42 @@ def compare(
     ``imagesTr`` / ``labelsTr``: the cross-validation setting.
     """
     import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.file_path_utilities import load_json
 
-    from nnunet_equiflex.discovery import trainers_dir
-    from nnunet_equiflex.predictor import EquiFlexPredictor
-
-    specs = [s if isinstance(s, ResultSpec) else ResultSpec.parse(s) for s in specs]
-    if not specs:
-        raise CompareError("give at least one result spec TRAINER__PLANS__CONFIGURATION")
-    if (test_images is None) != (test_labels is None):
-        raise CompareError("give both --test-images and --test-labels, or neither (cross-validation cases)")
-    ours = str(trainers_dir())
-    ext = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
-    if ours not in ext:
-        os.environ["nnUNet_extTrainer"] = os.pathsep.join([*ext, ours])
-
+    specs = _parse_specs(specs, test_images, test_labels)
+    _let_nnunet_find_our_trainers()
     dataset_name = resolve_dataset(dataset)
     model_dirs = {spec: model_dir_for(dataset_name, spec) for spec in specs}
     folds = select_folds(model_dirs, folds)
     dataset_json = load_json(str(model_dirs[specs[0]] / "dataset.json"))
-    ending = dataset_json["file_ending"]
-    num_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {"0": ""})))
-
-    # test sets per fold: (cases, labels folder)
-    if test_images is not None:
-        cases = raw_cases(Path(test_images), ending, num_channels)
-        check_labels(Path(test_labels), list(cases), ending)
-        test_sets = {f: (cases, Path(test_labels)) for f in folds}
-        log(f"test set: {len(cases)} cases from {test_images}")
-    else:
-        raw, _ = _nnunet_paths()
-        if raw is None:
-            raise CompareError("no test folder given and nnUNet_raw is not set: cannot find the validation cases")
-        raw_dir = raw / dataset_name
-        split_file = Path(os.environ.get("nnUNet_preprocessed", "")) / dataset_name / "splits_final.json"
-        if not split_file.is_file():
-            raise CompareError(f"no test folder given and no {split_file} for the cross-validation cases")
-        splits = json.loads(split_file.read_text())
-        all_cases = raw_cases(raw_dir / "imagesTr", ending, num_channels)
-        test_sets = {}
-        for f in folds:
-            if f >= len(splits):
-                raise CompareError(f"fold {f} is not in {split_file} ({len(splits)} folds)")
-            val = {c: all_cases[c] for c in splits[f]["val"] if c in all_cases}
-            test_sets[f] = (val, raw_dir / "labelsTr")
-        log(f"no test folder: each fold predicts its validation cases from {raw_dir / 'imagesTr'}")
+    test_sets = _test_sets(dataset_name, folds, dataset_json, test_images, test_labels, log)
 
     out_dir = Path(output_dir)
     _prepare_output(out_dir, overwrite)
     example = next(iter(next(iter(test_sets.values()))[0].values()))[0]
     axes = in_plane_axes(example)
-    flipped_sets = {}
-    if flip_check:
-        done: dict[int, dict] = {}
-        for f, (cases, _) in test_sets.items():
-            key = id(cases)
-            if key not in done:
-                done[key] = write_flipped_inputs(cases, out_dir / "flipped_inputs" / f"fold_{f}", axes, ending)
-            flipped_sets[f] = done[key]
-        log(f"flip check: mirrored copies along array axes {axes} written to {out_dir / 'flipped_inputs'}")
+    flipped_sets = _flipped_sets(test_sets, out_dir, axes, dataset_json["file_ending"], log) if flip_check else {}
+    setting = _Setting(
+        specs=specs,
+        model_dirs=model_dirs,
+        folds=folds,
+        dataset_json=dataset_json,
+        test_sets=test_sets,
+        flipped_sets=flipped_sets,
+        axes=axes,
+        out_dir=out_dir,
+        device=device,
+        tile_step_size=tile_step_size,
+        log=log,
+    )
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
-    results: dict[str, MethodResult] = {}
-    class_names: dict[str, str] = {}
-    per_fold: dict[str, list[dict]] = {}
-    flip_scores: dict[str, list[tuple[float, int, int]]] = {}
+    tally = _Tally()
     for spec in specs:
         for f in folds:
-            with _Quiet():  # the predictor prints a note about perform_everything_on_device on CPU
-                predictor = nnUNetPredictor(
-                    tile_step_size=tile_step_size,
-                    use_gaussian=True,
-                    use_mirroring=True,
-                    perform_everything_on_device=device != "cpu",
-                    device=torch.device(device),
-                    verbose=False,
-                    verbose_preprocessing=False,
-                    allow_tqdm=False,
-                )
-                predictor.initialize_from_trained_model_folder(str(model_dirs[spec]), use_folds=(f,))
-            network = predictor.network.eval()
-            patch = tuple(predictor.configuration_manager.patch_size)
-            axes_ckpt = tuple(predictor.allowed_mirroring_axes or ())
-            modes = [(True, 2 ** len(axes_ckpt)), (False, 1)] if axes_ckpt else [(False, 1)]
-            class_names = class_names or _class_names(predictor.dataset_json, predictor.label_manager)
-            params = sum(p.numel() for p in network.parameters())
-            flops = count_flops(network, num_channels, patch)
-            with torch.no_grad():  # warm-up (FlexAttention compiles on its first call): not part of s/case
-                network(torch.zeros(1, num_channels, *patch, device=predictor.device))
-            cases, labels_dir = test_sets[f]
-            runs = [(predictor, use_mirroring, passes, False) for use_mirroring, passes in modes]
-            if not axes_ckpt:
-                # The same model through the mirror-symmetric sliding window of `nnunet-equiflex predict`.
-                with _Quiet():
-                    symmetric = EquiFlexPredictor(
-                        tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=False,
-                        perform_everything_on_device=device != "cpu", device=torch.device(device), allow_tqdm=False,
-                    )  # fmt: skip
-                    symmetric.initialize_from_trained_model_folder(str(model_dirs[spec]), use_folds=(f,))
-                runs.append((symmetric, False, 1, True))
-            for predictor, use_mirroring, passes, symmetric_window in runs:
-                if axes_ckpt:
-                    label = f"{spec.family} + TTA ({passes} passes)" if use_mirroring else f"{spec.family} (1 pass)"
-                else:
-                    label = f"{spec.family} (1 pass)"
-                if symmetric_window:
-                    label = label[:-1] + ", symmetric window)"
-                if len(specs) > len({s.family for s in specs}):
-                    label += f" [{spec.trainer}]"
-                predictor.use_mirroring = use_mirroring
-                tag = f"{spec}__{'tta' if use_mirroring else 'notta'}{'__symmetric' if symmetric_window else ''}"
-                pred_dir = out_dir / "predictions" / tag / f"fold_{f}"
-                log(f"[{label}] fold {f}: predicting {len(cases)} cases (mirroring {use_mirroring}) ...")
-                seconds = _predict(predictor, cases, pred_dir)
-                metrics = _dice(
-                    labels_dir, pred_dir, dataset_json, predictor.label_manager,
-                    predictor.plans_manager.image_reader_writer_class(),
-                )  # fmt: skip
-                row = results.setdefault(
-                    label,
-                    MethodResult(label, str(spec), use_mirroring, passes, folds, params=params),
-                )
-                previous = 0.0 if np.isnan(row.seconds_per_case) else row.seconds_per_case  # summed over folds
-                row.seconds_per_case = previous + seconds / len(cases)
-                row.gflops_per_pass = flops / 1e9
-                row.gflops_per_tile = flops * passes / 1e9
-                row.prediction_dirs.append(str(pred_dir))
-                per_fold.setdefault(label, []).append(metrics)
-                log(
-                    f"[{label}] fold {f}: mean Dice {metrics['foreground_mean']['Dice']:.4f}, "
-                    f"{seconds / len(cases):.3f} s/case"
-                )
-                if flip_check:
-                    flip_dir = pred_dir.parent / f"fold_{f}_flipped"
-                    flip_seconds = _predict(predictor, flipped_sets[f], flip_dir) / len(flipped_sets[f])
-                    # s/case: the better of the two timed runs (the machine may be shared)
-                    row.seconds_per_case = previous + min(seconds / len(cases), flip_seconds)
-                    score = flip_consistency(pred_dir, flip_dir, sorted(cases), axes, ending)
-                    flip_scores.setdefault(label, []).append(score)
-                    log(f"[{label}] fold {f}: flip consistency {score[0]:.5f} ({score[1]}/{score[2]} exact)")
-
-    rows = []
-    for label, row in results.items():
-        metrics = per_fold[label]
-        row.seconds_per_case /= len(folds)
-        row.dice_per_fold = [float(m["foreground_mean"]["Dice"]) for m in metrics]
-        row.dice_mean = float(np.mean(row.dice_per_fold))
-        row.dice_std = float(np.std(row.dice_per_fold))
-        for key, name in class_names.items():
-            row.dice_per_class[name] = float(np.mean([_class_dice(m, key) for m in metrics]))
-        if flip_check:
-            scores = flip_scores[label]
-            row.flip_consistency = float(np.mean([s[0] for s in scores]))
-            row.flip_consistent_cases = f"{sum(s[1] for s in scores)}/{sum(s[2] for s in scores)}"
-        rows.append(row)
-    write_outputs(out_dir, rows, list(class_names.values()), test_sets, dataset_json)
+            _evaluate_fold(setting, tally, spec, f, flip_check)
+    rows = _finish_rows(tally, len(folds), flip_check)
+    write_outputs(out_dir, rows, list(tally.class_names.values()), test_sets, dataset_json)
     log(f"wrote {', '.join(OUTPUT_FILES)} to {out_dir}")
     return rows
 
@@ -552,9 +642,9 @@ def write_outputs(out_dir: Path, rows: list[MethodResult], class_names: list[str
         "on one patch (CNN: FlopCounterMode; EquiFlex: analytic, local attention over its window) x passes per tile. "
         "Flip consistency: "
         "fraction of voxels with pred(flip(x)) == flip(pred(x)) over cases and in-plane flips, through nnU-Net's "
-        "predictor (whose sliding window is not mirror-symmetric: 1.0 only where padding and tiling happen to be), "
-        "or, in the 'symmetric window' row, through nnunet-equiflex predict's mirror-symmetric sliding window; "
-        "exact flips: case-flip pairs with no differing voxel.\n"
+        "predictor, which runs the mirror-symmetric sliding window of nnunet-equiflex for EquiFlex networks and "
+        "nnU-Net's own window (not mirror-symmetric: 1.0 only where padding and tiling happen to be) for the CNN and "
+        'in rows marked "nnU-Net\'s window"; exact flips: case-flip pairs with no differing voxel.\n'
     )
     (out_dir / "results.md").write_text(table + note)
     header, body = table_rows(rows, class_names)

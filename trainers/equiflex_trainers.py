@@ -17,6 +17,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
+import nnunet_equiflex.nnunet_patch  # noqa: F401  nnU-Net's predictor: mirror-symmetric window for our networks
 from nnunet_equiflex.atomic import atomic_write, remove_stale_partials
 from nnunet_equiflex.fault_injection import checkpoint_stream
 from nnunet_equiflex.network import DEFAULT_PRESET, EquiFlexFormer, preset_kwargs
