@@ -21,6 +21,7 @@ import nnunet_equiflex.nnunet_patch  # noqa: F401  nnU-Net's predictor: mirror-s
 from nnunet_equiflex.atomic import atomic_write, remove_stale_partials
 from nnunet_equiflex.fault_injection import checkpoint_stream
 from nnunet_equiflex.network import DEFAULT_PRESET, EquiFlexFormer, preset_kwargs
+from nnunet_equiflex.nnunet_patch import unwrap_network
 from nnunet_equiflex.optim import vit_param_groups
 from nnunet_equiflex.planning import check_2d, describes_equiflex, fit_patch_size, network_kwargs
 from nnunet_equiflex.resume import choose_checkpoint
@@ -342,18 +343,6 @@ def pretrained_checkpoint_from_env() -> Path:
     raise FileNotFoundError(f"{PRETRAINED_ENV}={value}: no such file; set it to a checkpoint file or one of {names}")
 
 
-def _unwrap_network(network: nn.Module) -> nn.Module:
-    """The EquiFlexFormer inside DDP and torch.compile wrappers."""
-    from torch._dynamo import OptimizedModule
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(network, DistributedDataParallel):
-        network = network.module
-    if isinstance(network, OptimizedModule):
-        network = network._orig_mod
-    return network
-
-
 class EquiFlexTrainerPretrained(EquiFlexTrainer):
     """EquiFlexTrainer fine-tuned from pretrained ViT encoder weights (ViT-S/8 shape: DINO ViT-S/8).
 
@@ -395,7 +384,7 @@ class EquiFlexTrainerPretrained(EquiFlexTrainer):
         from nnunet_equiflex.pretrained import load_pretrained_encoder
 
         # The optimizer holds these same Parameter objects, so loading in place after it exists is fine.
-        self.pretrained_report = load_pretrained_encoder(_unwrap_network(self.network), checkpoint)
+        self.pretrained_report = load_pretrained_encoder(unwrap_network(self.network), checkpoint)
         self.print_to_log_file(f"{PRETRAINED_ENV}={os.environ.get(PRETRAINED_ENV)}\n{self.pretrained_report}")
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
