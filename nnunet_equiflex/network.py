@@ -196,3 +196,17 @@ def preset_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
     kwargs = copy.deepcopy(PRESETS[name])
     kwargs.update(overrides)
     return kwargs
+
+
+def unwrap_network(network: nn.Module) -> nn.Module:
+    """The module inside DDP and torch.compile wrappers, in any nesting."""
+    from torch._dynamo import OptimizedModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    while True:
+        if isinstance(network, DistributedDataParallel):
+            network = network.module
+        elif isinstance(network, OptimizedModule):
+            network = network._orig_mod
+        else:
+            return network

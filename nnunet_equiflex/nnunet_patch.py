@@ -30,7 +30,7 @@ from collections.abc import Callable
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from torch import nn
 
-from nnunet_equiflex.network import EquiFlexFormer
+from nnunet_equiflex.network import EquiFlexFormer, unwrap_network
 from nnunet_equiflex.predictor import NNUNET_METHOD_ATTR, SYMMETRIC_WINDOW
 
 __all__ = [
@@ -54,20 +54,6 @@ _warned = False
 def switched_on() -> bool:
     """False when ``EQUIFLEX_SYMMETRIC_PREDICTOR`` is 0 / false / no / off."""
     return os.environ.get(SWITCH_ENV, "1").strip().lower() not in _OFF
-
-
-def unwrap_network(network: nn.Module) -> nn.Module:
-    """The module inside DDP and torch.compile wrappers, in any nesting."""
-    from torch._dynamo import OptimizedModule
-    from torch.nn.parallel import DistributedDataParallel
-
-    while True:
-        if isinstance(network, DistributedDataParallel):
-            network = network.module
-        elif isinstance(network, OptimizedModule):
-            network = network._orig_mod
-        else:
-            return network
 
 
 def is_equiflex_network(network: nn.Module | None) -> bool:

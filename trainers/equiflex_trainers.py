@@ -21,7 +21,7 @@ import nnunet_equiflex.nnunet_patch  # noqa: F401  nnU-Net's predictor: mirror-s
 from nnunet_equiflex.atomic import atomic_write, remove_stale_partials
 from nnunet_equiflex.fault_injection import checkpoint_stream
 from nnunet_equiflex.network import DEFAULT_PRESET, EquiFlexFormer, preset_kwargs
-from nnunet_equiflex.nnunet_patch import unwrap_network
+from nnunet_equiflex.network import unwrap_network
 from nnunet_equiflex.optim import vit_param_groups
 from nnunet_equiflex.planning import check_2d, describes_equiflex, fit_patch_size, network_kwargs
 from nnunet_equiflex.resume import choose_checkpoint
