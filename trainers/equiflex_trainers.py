@@ -282,7 +282,13 @@ def pretrained_checkpoint_from_env() -> Path:
     """The checkpoint named by ``EQUIFLEX_PRETRAINED``: a file path, or a name known to
     ``find_cached_checkpoint`` (``dino_vits8``, an HF repo id, a torch hub file name) found in the
     local torch hub / HF caches. Never downloads."""
-    from nnunet_equiflex.pretrained import KNOWN_CHECKPOINTS, find_cached_checkpoint, hf_hub_cache_dir
+    from nnunet_equiflex.pretrained import (
+        KNOWN_CHECKPOINTS,
+        find_cached_checkpoint,
+        hf_hub_cache_dir,
+        is_nnunet_checkpoint,
+        nnunet_checkpoint_message,
+    )
 
     names = ", ".join(KNOWN_CHECKPOINTS)
     value = os.environ.get(PRETRAINED_ENV, "").strip()
@@ -297,6 +303,11 @@ def pretrained_checkpoint_from_env() -> Path:
         )
     path = Path(value).expanduser()
     if path.is_file():
+        if is_nnunet_checkpoint(path):
+            raise ValueError(
+                f"{PRETRAINED_ENV}={value}: {nnunet_checkpoint_message(path)} with -tr EquiFlexTrainer (or the trainer "
+                f"it came from), and unset {PRETRAINED_ENV}, which is for foreign ViT weights (DINO, timm, HF)"
+            )
         return path
     weight_file_name = os.sep not in value and path.suffix in (".pth", ".pt", ".bin", ".safetensors")
     repo_id = value.count("/") == 1 and not value.startswith((".", "/", "~")) and not path.suffix
