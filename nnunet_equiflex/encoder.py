@@ -131,7 +131,7 @@ class EquiFlexEncoder(nn.Module):
         # Registers have no position embedding entry (as in DINOv2); None keeps the state dict unchanged.
         self.reg_token = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.pos_embed_grid[0] * self.pos_embed_grid[1], embed_dim))
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # also under a meta device
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rate, norm_eps, layer_scale_init) for rate in rates
         )

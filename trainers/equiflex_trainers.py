@@ -19,7 +19,7 @@ from torch import nn
 
 from nnunet_equiflex.network import DEFAULT_PRESET, EquiFlexFormer, preset_kwargs
 from nnunet_equiflex.optim import vit_param_groups
-from nnunet_equiflex.planning import check_2d, describes_equiflex, fit_patch_size, network_kwargs
+from nnunet_equiflex.planning import check_2d, fit_patch_size, network_kwargs
 from nnunet_equiflex.schedules import WarmupPolyLRScheduler
 
 __all__ = [
@@ -54,11 +54,12 @@ __all__ = [
 
 
 def _configured_kwargs(trainer_cls: type, configuration_manager: ConfigurationManager) -> dict[str, Any]:
+    """The plans' network (or the trainer's preset when the plans name another), the variant's overrides, and the
+    trainer's drop path: part of the recipe, like the learning rate, so it is the same with any plans."""
     architecture = configuration_manager.configuration.get("architecture")
-    overrides = dict(trainer_cls.network_overrides)
-    if not describes_equiflex(architecture):
-        overrides = {**trainer_cls.network_defaults, **overrides}
-    return network_kwargs(architecture, trainer_cls.network_preset, overrides)
+    kwargs = network_kwargs(architecture, trainer_cls.network_preset, trainer_cls.network_overrides)
+    kwargs["drop_path_rate"] = trainer_cls.drop_path_rate
+    return kwargs
 
 
 def _make_builder(trainer_cls: type) -> staticmethod:
@@ -91,8 +92,8 @@ class EquiFlexTrainer(nnUNetTrainer):
     """
 
     network_preset = DEFAULT_PRESET
-    network_defaults: dict[str, Any] = {"drop_path_rate": 0.1}  # used when the plans do not name our network
     network_overrides: dict[str, Any] = {}  # what a variant is about; wins over the plans
+    drop_path_rate = 0.1  # stochastic depth of the last block (linear from 0); wins over the plans' value
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -253,6 +254,7 @@ class EquiFlexTrainerTiny(EquiFlexTrainer):
 
     network_preset = "tiny"
     network_overrides = preset_kwargs("tiny")  # the whole shape, also over plans that name vit_s8
+    drop_path_rate = 0.0  # 4 blocks trained for a few hundred iterations: stochastic depth only slows them down
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
