@@ -19,7 +19,7 @@ from torch import nn
 
 from nnunet_equiflex.network import DEFAULT_PRESET, EquiFlexFormer, preset_kwargs
 from nnunet_equiflex.optim import vit_param_groups
-from nnunet_equiflex.planning import check_2d, fit_patch_size, network_kwargs
+from nnunet_equiflex.planning import check_2d, fit_patch_size, lateralised_label_warning, network_kwargs
 from nnunet_equiflex.schedules import WarmupPolyLRScheduler
 
 __all__ = [
@@ -138,6 +138,16 @@ class EquiFlexTrainer(nnUNetTrainer):
         self.plans_manager.plans["configurations"][configuration]["patch_size"] = list(fitted)
         self.plans_manager.get_configuration.cache_clear()
         self.configuration_manager = self.plans_manager.get_configuration(configuration)
+
+    def on_train_start(self):
+        self._warn_if_lateralised()
+        super().on_train_start()
+
+    def _warn_if_lateralised(self) -> None:
+        if self.is_equivariant:
+            warning = lateralised_label_warning(type(self).__name__, list(self.dataset_json.get("labels", {})))
+            if warning:
+                self.print_to_log_file(warning)
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         rotation, dummy_2d, initial_patch_size, mirror_axes = (
