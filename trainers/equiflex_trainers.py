@@ -37,6 +37,7 @@ __all__ = [
     "EquiFlexTrainerViTTi8",
     "FlexTrainerFlip0",
     "EquiFlexTrainerTiny",
+    "FlexTrainerTiny",
     "EquiFlexTrainerTiny_smoke",
     "FlexTrainerTiny_smoke",
     "EquiFlexTrainerPretrained",
@@ -270,6 +271,12 @@ class EquiFlexTrainerTiny(EquiFlexTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 2e-3
         self.weight_decay = 1e-4
+
+
+class FlexTrainerTiny(EquiFlexTrainerTiny):
+    """The tiny network without the lifting (group "none"): FlexTrainer's ablation at CPU size, with mirroring."""
+
+    network_overrides = {**EquiFlexTrainerTiny.network_overrides, "group": "none"}
 
 
 class EquiFlexTrainerTiny_smoke(EquiFlexTrainerTiny):
