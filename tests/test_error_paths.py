@@ -104,14 +104,11 @@ def test_results_variable_unset(results, monkeypatch, tmp_path):
 
 
 def test_plan_without_fingerprint(results, monkeypatch, capsys):
-    import nnunetv2.paths
-
-    monkeypatch.setattr(nnunetv2.paths, "nnUNet_preprocessed", str(results / "preprocessed"))
     assert main(["plan", "-d", DATASET]) == 2
     err = capsys.readouterr().err
     assert f"no dataset fingerprint in {results / 'preprocessed' / DATASET}" in err
     assert f"run `nnUNetv2_plan_and_preprocess -d {DATASET} -c 2d`" in err
-    monkeypatch.setattr(nnunetv2.paths, "nnUNet_preprocessed", None)
+    monkeypatch.delenv("nnUNet_preprocessed")
     assert main(["plan", "-d", DATASET]) == 2
     assert "nnUNet_preprocessed is not set; export it" in capsys.readouterr().err
 
