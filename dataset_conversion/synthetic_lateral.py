@@ -82,13 +82,13 @@ def synthesize_lateral_slice(
     image[body] = 0.3 + 0.08 * texture[body]
     label = np.zeros((size, size), np.uint8)
     # Drawn in the liver-on-the-image's-left orientation; the case may be mirrored below.
-    spread, height = rng.uniform(11, 14) * scale, rng.uniform(4, 8) * scale
+    spread, height = rng.uniform(12, 15) * scale, rng.uniform(4, 8) * scale
     for value, side in ((LABELS["kidney_right"], -1), (LABELS["kidney_left"], 1)):
         kidney_centre = (
             centre[0] + height + rng.uniform(-1.5, 1.5),
             centre[1] + side * spread + rng.uniform(-1.5, 1.5),
         )
-        axes = (rng.uniform(5.0, 7.0) * scale, rng.uniform(3.5, 5.0) * scale)
+        axes = (rng.uniform(7.0, 9.0) * scale, rng.uniform(5.0, 6.5) * scale)
         kidney = _ellipse(ys, xs, kidney_centre, axes, side * rng.uniform(0.1, 0.5))
         label[kidney] = value
     if landmark:

@@ -125,6 +125,7 @@ def lateralised_label_warning(trainer_name: str, label_names: list[str]) -> str 
         f"WARNING: label(s) {', '.join(sided)} in dataset.json look lateralised (left/right). {trainer_name} is "
         "exactly reflection-equivariant (the mirrored image gets the mirrored prediction), so it tells a left/right "
         "pair apart only through asymmetric context such as an organ on one side, never by the side of the image. "
-        "If left and right get confused, train the same ViT without the lifting: -tr FlexTrainer (not equivariant; "
-        "see 'Lateralised labels' in the README)."
+        "If left and right get confused, train the same ViT without the lifting: -tr FlexTrainer (not equivariant), "
+        "or -tr FlexTrainerNoMirroring where only the side of the image tells them apart (mirroring augmentation "
+        "teaches any network to ignore the side); see 'Lateralised labels' in the README."
     )

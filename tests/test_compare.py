@@ -82,7 +82,7 @@ def test_flip_consistency_ordering(comparison):
     rows = comparison["rows"]
     equiflex, tta, single = (rows[m] for m in ROWS)
     # Measured through nnU-Net's predictor: odd padding differences keep even an equivariant network below 1.0 on
-    # some sizes (DESIGN.md section 4), so assert the ordering and that the CNN alone is not consistent.
+    # some sizes (DESIGN.md section 5), so assert the ordering and that the CNN alone is not consistent.
     assert single["flip_consistency"] < 1.0
     assert equiflex["flip_consistency"] >= single["flip_consistency"]
     assert tta["flip_consistency"] >= single["flip_consistency"]

@@ -44,14 +44,18 @@ def toy_env(trained_toy, monkeypatch):
     return trained_toy
 
 
-def _start_message(toy, trainer_cls, labels: dict | None, capsys) -> str:
-    """What the trainer's start check prints (nnU-Net's print_to_log_file: console and training log)."""
+def _trainer(toy, trainer_cls, labels: dict | None = None):
     folder = toy["root"] / "preprocessed" / toy["raw"].name
     plans = {**json.loads((folder / "EquiFlexPlans.json").read_text()), "continue_training": False}
     dataset_json = json.loads((folder / "dataset.json").read_text())
     if labels is not None:
         dataset_json = {**copy.deepcopy(dataset_json), "labels": labels}
-    trainer = trainer_cls(plans, "2d", 3, dataset_json, torch.device("cpu"))
+    return trainer_cls(plans, "2d", 3, dataset_json, torch.device("cpu"))
+
+
+def _start_message(toy, trainer_cls, labels: dict | None, capsys) -> str:
+    """What the trainer's start check prints (nnU-Net's print_to_log_file: console and training log)."""
+    trainer = _trainer(toy, trainer_cls, labels)
     capsys.readouterr()
     trainer._warn_if_lateralised()
     return capsys.readouterr().out
@@ -64,9 +68,29 @@ def test_equivariant_trainers_warn_at_start_and_flex_trainer_does_not(toy_env, c
     sided = {"background": 0, "kidney_left": 1, "kidney_right": 2}
     log = _start_message(toy_env, EquiFlexTrainerTiny_smoke, sided, capsys)
     assert "label(s) kidney_left, kidney_right in dataset.json look lateralised" in log
-    assert "EquiFlexTrainerTiny_smoke is exactly reflection-equivariant" in log and "-tr FlexTrainer" in log
+    assert "EquiFlexTrainerTiny_smoke is exactly reflection-equivariant" in log and "-tr FlexTrainer " in log
+    assert "-tr FlexTrainerNoMirroring where only the side of the image tells them apart" in log
     assert "lateralised" not in _start_message(toy_env, FlexTrainerTiny_smoke, sided, capsys)
     assert "lateralised" not in _start_message(toy_env, EquiFlexTrainerTiny_smoke, None, capsys)  # disk, square
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name,augmented_axes,tta_axes",
+    [
+        ("FlexTrainerTiny", (0, 1), (0, 1)),
+        ("FlexTrainerTinyNoMirroring", None, None),
+        ("EquiFlexTrainerTiny", None, None),
+    ],
+)
+def test_mirroring_of_the_flex_trainers(toy_env, name, augmented_axes, tta_axes):
+    """FlexTrainer keeps nnU-Net's mirroring (augmentation and the axes the checkpoint allows for TTA); its
+    NoMirroring variant has neither, like the equivariant trainers."""
+    from nnunet_equiflex.trainers import equiflex_trainers
+
+    trainer = _trainer(toy_env, getattr(equiflex_trainers, name))
+    *_, mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    assert mirror_axes == augmented_axes and trainer.inference_allowed_mirroring_axes == tta_axes
 
 
 def _centroid_x(label, value) -> float:
@@ -143,4 +167,4 @@ def test_lateralised_benchmark_runs_and_prints_its_table(tmp_path):
         assert f"| {row} |" in done.stdout
     assert "EquiFlex's start-of-training warning about lateralised labels: printed" in done.stdout
     rows = json.loads((tmp_path / "work" / "landmark" / "lateralised.json").read_text())["rows"]
-    assert len(rows) == 6 and all(0.0 <= r["dice_right"] <= 1.0 and 0.0 <= r["right_as_left"] <= 1.0 for r in rows)
+    assert len(rows) == 7 and all(0.0 <= r["dice_right"] <= 1.0 and 0.0 <= r["right_as_left"] <= 1.0 for r in rows)

@@ -28,6 +28,7 @@ from nnunet_equiflex.trainers.equiflex_trainers import (
     EquiFlexTrainerViTTi8,
     FlexTrainerFlip0,
     FlexTrainerTiny,
+    FlexTrainerTinyNoMirroring,
 )
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "EquiFlexTrainerTiny_budget",
     "FlexTrainerFlip0_budget",
     "FlexTrainerTiny_budget",
+    "FlexTrainerTinyNoMirroring_budget",
 ]
 
 # (epochs, training iterations per epoch, validation iterations per epoch)
@@ -114,6 +116,7 @@ EquiFlexTrainerViTTi8_budget = budget_variant(EquiFlexTrainerViTTi8)
 EquiFlexTrainerTiny_budget = budget_variant(EquiFlexTrainerTiny)
 FlexTrainerFlip0_budget = budget_variant(FlexTrainerFlip0)
 FlexTrainerTiny_budget = budget_variant(FlexTrainerTiny)
+FlexTrainerTinyNoMirroring_budget = budget_variant(FlexTrainerTinyNoMirroring)
 
 
 class EquiFlexTrainerTiny_demo(EquiFlexTrainerTiny):

@@ -30,6 +30,7 @@ __all__ = [
     "EquiFlexTrainer_250epochs",
     "EquiFlexTrainer_500epochs",
     "FlexTrainer",
+    "FlexTrainerNoMirroring",
     "EquiFlexTrainerViTS8",
     "EquiFlexTrainerFlip0",
     "EquiFlexTrainerFlip2",
@@ -38,6 +39,7 @@ __all__ = [
     "FlexTrainerFlip0",
     "EquiFlexTrainerTiny",
     "FlexTrainerTiny",
+    "FlexTrainerTinyNoMirroring",
     "EquiFlexTrainerTiny_smoke",
     "FlexTrainerTiny_smoke",
     "EquiFlexTrainerPretrained",
@@ -95,6 +97,7 @@ class EquiFlexTrainer(nnUNetTrainer):
     network_preset = DEFAULT_PRESET
     network_overrides: dict[str, Any] = {}  # what a variant is about; wins over the plans
     drop_path_rate = 0.1  # stochastic depth of the last block (linear from 0); wins over the plans' value
+    mirroring = True  # nnU-Net's mirroring augmentation and TTA for a non-equivariant network (always off otherwise)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -154,7 +157,7 @@ class EquiFlexTrainer(nnUNetTrainer):
         rotation, dummy_2d, initial_patch_size, mirror_axes = (
             super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         )
-        if self.is_equivariant:
+        if self.is_equivariant or not self.mirroring:
             self.inference_allowed_mirroring_axes = None
             mirror_axes = None
         return rotation, dummy_2d, initial_patch_size, mirror_axes
@@ -220,6 +223,14 @@ class FlexTrainer(EquiFlexTrainer):
     network_overrides = {"group": "none"}
 
 
+class FlexTrainerNoMirroring(FlexTrainer):
+    """FlexTrainer without mirroring augmentation and TTA, for left/right labels that only the side of the image
+    tells apart: mirroring a training sample moves a left structure to the right and keeps its label, which
+    teaches any network to ignore the side (README, "Lateralised labels")."""
+
+    mirroring = False
+
+
 def _preset_variant(base: type, name: str, preset: str, doc: str) -> type:
     """A one-change subclass: the whole network shape of ``preset``, also over plans that name another."""
     overrides = {**preset_kwargs(preset), **base.network_overrides}
@@ -277,6 +288,10 @@ class FlexTrainerTiny(EquiFlexTrainerTiny):
     """The tiny network without the lifting (group "none"): FlexTrainer's ablation at CPU size, with mirroring."""
 
     network_overrides = {**EquiFlexTrainerTiny.network_overrides, "group": "none"}
+
+
+class FlexTrainerTinyNoMirroring(FlexTrainerTiny):
+    mirroring = False
 
 
 class EquiFlexTrainerTiny_smoke(EquiFlexTrainerTiny):
