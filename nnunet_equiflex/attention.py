@@ -211,12 +211,14 @@ def resolve_backend(backend: str, device: torch.device, needs_grad: bool) -> str
     """Turn ``auto`` into a concrete backend; reject flex where it cannot run."""
     check_backend(backend)
     if backend == "auto":
-        return "flex" if device.type == "cuda" else "window"
-    if backend == "flex" and device.type != "cuda" and needs_grad:
+        backend = "flex" if device.type == "cuda" else "window"
+    elif backend == "flex" and device.type != "cuda" and needs_grad:
         raise RuntimeError(
             "attention_backend='flex' cannot compute gradients on CPU (FlexAttention has no CPU "
             "backward); use attention_backend='window', 'sdpa' or 'auto' for CPU training, or run on CUDA"
         )
+    if backend == "flex" and not _flex_attention.use_primary(device.type):
+        return "sdpa"  # flex failed on this device type earlier (logged then; see attend_flex)
     return backend
 
 
@@ -312,7 +314,46 @@ def _cached_window_mask(geometry: tuple, device: torch.device, tile: int | None 
 WINDOW_COMPILE_ENV = "EQUIFLEX_WINDOW_COMPILE"
 
 
-class _CompiledOrEager:
+def _first_line(error: Exception, limit: int = 300) -> str:
+    """``Type: message`` on one line (compiler errors run to pages)."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _FallbackOnFailure:
+    """``primary(*args)``, until it fails on a device type; from then on ``fallback(*args)`` on that device type.
+
+    Both compute the same function, so a failure of the faster way (a compiler or kernel error) costs speed, not
+    the run: the call that failed is answered by ``fallback``, one warning names the error, and later calls go
+    straight to ``fallback`` without trying ``primary`` again. An error of the inputs themselves raises from
+    ``fallback`` as it would on its own. The try costs nothing on the path where ``primary`` works."""
+
+    def __init__(self, primary: Callable, fallback: Callable, what: str, instead: str) -> None:
+        self.primary, self.fallback = primary, fallback
+        self.what, self.instead = what, instead
+        self.failed: dict[str, str] = {}  # device type -> the error of its first failure
+
+    def use_primary(self, device_type: str) -> bool:
+        return device_type not in self.failed
+
+    def __call__(self, *args):
+        device_type = args[0].device.type
+        if not self.use_primary(device_type):
+            return self.fallback(*args)
+        try:
+            return self.primary(*args)
+        except Exception as error:
+            result = self.fallback(*args)
+            self.failed[device_type] = _first_line(error)
+            logger.warning(
+                "%s failed on %s (%s); using %s from now on", self.what, device_type, self.failed[device_type],
+                self.instead,
+            )  # fmt: skip
+            return result
+
+
+class _CompiledOrEager(_FallbackOnFailure):
     """``torch.compile(fn)``, falling back to ``fn`` itself (with one warning) if compiling fails,
     for example without a C++ compiler; inside a caller's compiled graph ``fn`` is traced as is.
 
@@ -320,22 +361,18 @@ class _CompiledOrEager:
     on 2 CPU cores), slower calls. The tests use it for their many tiny shapes."""
 
     def __init__(self, fn: Callable) -> None:
+        super().__init__(self._compiled_call, fn, f"torch.compile of {fn.__name__}", "it uncompiled")
         self.fn = fn
         self.compiled: Callable | None = None
-        self.failed = False
 
-    def __call__(self, *args):
-        if self.failed or torch.compiler.is_compiling() or os.environ.get(WINDOW_COMPILE_ENV, "1") == "0":
-            return self.fn(*args)
+    def use_primary(self, device_type: str) -> bool:
+        compile_wanted = os.environ.get(WINDOW_COMPILE_ENV, "1") != "0"
+        return compile_wanted and not torch.compiler.is_compiling() and super().use_primary(device_type)
+
+    def _compiled_call(self, *args):
         if self.compiled is None:
             self.compiled = torch.compile(self.fn, dynamic=False)
-        try:
-            return self.compiled(*args)
-        except Exception as error:  # a compiler failure; the eager function is the same math
-            result = self.fn(*args)  # an error of the inputs themselves raises here, as it would uncompiled
-            self.failed = True
-            logger.warning("torch.compile of %s failed (%s); using it uncompiled", self.fn.__name__, error)
-            return result
+        return self.compiled(*args)
 
 
 _window_attention = _CompiledOrEager(window_attention)
@@ -386,11 +423,39 @@ def attend_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: LocalM
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if isinstance(mask, WindowMask):
         return attend_window(q, k, v, mask)
-    if torch.compiler.is_compiling():  # inside a caller's compiled graph: dynamo handles flex itself
-        from torch.nn.attention.flex_attention import flex_attention
+    return attend_flex(q, k, v, mask)
 
-        return flex_attention(q, k, v, block_mask=mask)
+
+def _flex_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
     return _compiled_flex_attention()(q, k, v, block_mask=mask)
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_mask_of(mask_mod: MaskMod, seq_len: int, device: torch.device) -> torch.Tensor:
+    return dense_mask(mask_mod, seq_len, device)
+
+
+def _sdpa_under_block_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """What flex computes under ``mask``, through SDPA with the dense mask of the same ``mask_mod``."""
+    dense = _dense_mask_of(mask.mask_mod, mask.seq_lengths[0], q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+
+
+# A FlexAttention failure (no working Triton, an old driver, a shape its kernels do not support) falls back to
+# the sdpa backend: this call through the dense mask, later forward passes through ``resolve_backend``.
+_flex_attention = _FallbackOnFailure(
+    _flex_call, _sdpa_under_block_mask, "FlexAttention", "the sdpa backend for the local attention (same outputs)"
+)
+
+
+@torch.compiler.disable
+def attend_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """Compiled flex under a ``BlockMask``, or SDPA once flex has failed on this device type.
+
+    Kept out of a caller's compiled graph (nnU-Net compiles the whole network on CUDA): inside it, a flex
+    compile error would surface from the caller's graph, where nothing can fall back. Flex is compiled on its
+    own here, once per shape."""
+    return _flex_attention(q, k, v, mask)
 
 
 def local_window_attention(

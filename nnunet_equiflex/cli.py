@@ -51,17 +51,21 @@ def _uninstall_trainers(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from nnunet_equiflex.planners.equiflex_planner import plan_dataset
 
-    plan_dataset(
-        args.dataset,
-        preset=args.preset,
-        gpu_memory_target_in_gb=args.gpu_memory_gb,
-        plans_name=args.plans_name,
-        network_overrides={"group": args.group} if args.group else None,
-        overwrite=args.overwrite,
-        preprocess=args.preprocess,
-        num_processes=args.num_processes,
-        batch_size=args.batch_size,
-    )
+    try:
+        plan_dataset(
+            args.dataset,
+            preset=args.preset,
+            gpu_memory_target_in_gb=args.gpu_memory_gb,
+            plans_name=args.plans_name,
+            network_overrides={"group": args.group} if args.group else None,
+            overwrite=args.overwrite,
+            preprocess=args.preprocess,
+            num_processes=args.num_processes,
+            batch_size=args.batch_size,
+        )
+    except (FileNotFoundError, FileExistsError) as error:  # missing fingerprint, different plans: the fix is said
+        print(f"nnunet-equiflex plan: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -98,8 +98,11 @@ class EquiFlexEncoder(nn.Module):
         super().__init__()
         n_global_blocks = n_lifted_blocks if n_global_blocks is None else n_global_blocks
         _check_encoder_settings(
-            depth, n_lifted_blocks, n_global_blocks, group_pooling, patch_embed, window_dilation,
-            alternate_dilation, num_register_tokens,
+            in_channels=in_channels, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+            mlp_ratio=mlp_ratio, n_lifted_blocks=n_lifted_blocks, n_global_blocks=n_global_blocks,
+            window_radius=window_radius, window_dilation=window_dilation, group_pooling=group_pooling,
+            drop_path_rate=drop_path_rate, pos_embed_grid=pos_embed_grid, patch_embed=patch_embed,
+            gmr_rings=gmr_rings, alternate_dilation=alternate_dilation, num_register_tokens=num_register_tokens,
         )  # fmt: skip
         self.patch_size = patch_size
         self.embed_dim = embed_dim
@@ -128,7 +131,7 @@ class EquiFlexEncoder(nn.Module):
         # Registers have no position embedding entry (as in DINOv2); None keeps the state dict unchanged.
         self.reg_token = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.pos_embed_grid[0] * self.pos_embed_grid[1], embed_dim))
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # also under a meta device
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rate, norm_eps, layer_scale_init) for rate in rates
         )
@@ -287,17 +290,57 @@ class EquiFlexEncoder(nn.Module):
 
 
 def _check_encoder_settings(
+    *,
+    in_channels: int,
+    patch_size: int,
+    embed_dim: int,
     depth: int,
+    num_heads: int,
+    mlp_ratio: float,
     n_lifted_blocks: int,
     n_global_blocks: int,
-    group_pooling: str,
-    patch_embed: str,
+    window_radius: int,
     window_dilation: int,
+    group_pooling: str,
+    drop_path_rate: float,
+    pos_embed_grid: tuple[int, ...],
+    patch_embed: str,
+    gmr_rings: int | None,
     alternate_dilation: bool,
     num_register_tokens: int,
 ) -> None:
+    """Every setting that cannot work, rejected at construction with the fix (not at the first forward)."""
+    for name, value in (
+        ("in_channels", in_channels), ("patch_size", patch_size), ("embed_dim", embed_dim), ("num_heads", num_heads),
+        ("window_dilation", window_dilation),
+    ):  # fmt: skip
+        check_positive_int(name, value)
+    if embed_dim % num_heads:
+        divisors = [h for h in range(1, min(embed_dim, 16) + 1) if embed_dim % h == 0]
+        raise ValueError(
+            f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}; pick num_heads that divides "
+            f"embed_dim (for {embed_dim}: {', '.join(map(str, divisors))}, ...) or change embed_dim"
+        )
+    if not mlp_ratio > 0:
+        raise ValueError(f"mlp_ratio must be > 0 (the MLP width is mlp_ratio * embed_dim), got {mlp_ratio}")
+    if not _is_int(window_radius) or window_radius < 0:
+        raise ValueError(
+            f"window_radius must be an integer >= 0 (the local window is (2r+1)x(2r+1) tokens), got {window_radius!r}"
+        )
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(
+            f"drop_path_rate must lie in [0, 1) (1 drops every residual branch and training gives NaN), "
+            f"got {drop_path_rate}; ViT recipes use 0.1 to 0.2"
+        )
+    if len(pos_embed_grid) != 2 or not all(_is_int(n) and n >= 1 for n in pos_embed_grid):
+        raise ValueError(
+            f"pos_embed_grid must be two integers >= 1 (rows, columns of the native token grid, e.g. [28, 28]), "
+            f"got {list(pos_embed_grid)}"
+        )
     if patch_embed not in PATCH_EMBEDS:
         raise ValueError(f"unknown patch_embed {patch_embed!r}; choose one of {', '.join(PATCH_EMBEDS)}")
+    if gmr_rings is not None and (not _is_int(gmr_rings) or gmr_rings < 1):
+        raise ValueError(f"gmr_rings must be an integer >= 1 or None (kernel_size // 2 + 1 rings), got {gmr_rings!r}")
     if alternate_dilation and window_dilation < 2:
         raise ValueError(
             "alternate_dilation=True alternates dense and dilated local blocks, so it needs window_dilation >= 2 "
@@ -311,3 +354,13 @@ def _check_encoder_settings(
         raise ValueError(f"n_global_blocks must lie in 0..depth ({depth}), got {n_global_blocks}")
     if group_pooling not in POOLINGS:
         raise ValueError(f"unknown group_pooling {group_pooling!r}; choose one of {', '.join(POOLINGS)}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_positive_int(name: str, value: object) -> None:
+    """A size or count setting: an integer >= 1 (JSON plans store them as integers)."""
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from nnunet_equiflex.attention import check_backend
 from nnunet_equiflex.decoder import LightDecoder
-from nnunet_equiflex.encoder import EquiFlexEncoder
+from nnunet_equiflex.encoder import EquiFlexEncoder, check_positive_int
 
 # DINO ViT-S/8 shape (the reference method's backbone); native position grid 28x28 (224 px).
 _VIT_S8 = dict(
@@ -137,6 +137,7 @@ class EquiFlexFormer(nn.Module):
         super().__init__()
         arch_kwargs = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         self.arch_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in arch_kwargs.items()}
+        _check_network_settings(num_classes, refine_dim)
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.patch_size = patch_size
@@ -176,6 +177,28 @@ class EquiFlexFormer(nn.Module):
     def from_preset(cls, name: str, in_channels: int, num_classes: int, **overrides: Any) -> EquiFlexFormer:
         return cls(in_channels=in_channels, num_classes=num_classes, **preset_kwargs(name, **overrides))
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """Reject inputs the network cannot segment, naming the fix. Shapes and dtypes only: no host-device sync."""
+        if x.ndim != 4:
+            raise ValueError(f"expected a 2D batch (B, C, H, W), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"input dtype {x.dtype} is not floating point; convert the images first (x.float(), after the "
+                "intensity normalisation: nnU-Net's preprocessing gives float32)"
+            )
+        batch, channels, height, width = x.shape
+        if channels != self.in_channels:
+            raise ValueError(
+                f"input has {channels} channel(s) (shape {tuple(x.shape)}), the network was built for "
+                f"in_channels={self.in_channels}; pass images with {self.in_channels} channel(s) or build the network "
+                f"with in_channels={channels}"
+            )
+        if batch == 0 or height == 0 or width == 0:
+            raise ValueError(
+                f"input of shape {tuple(x.shape)} is empty; pass at least one image of at least "
+                f"{self.patch_size}x{self.patch_size} pixels (H and W multiples of the token size {self.patch_size})"
+            )
+
     def set_attention_backend(self, backend: str) -> None:
         self.encoder.attention_backend = check_backend(backend)
 
@@ -183,8 +206,7 @@ class EquiFlexFormer(nn.Module):
         self.encoder.set_flex_token_layout(layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4:
-            raise ValueError(f"expected a 2D batch (B, C, H, W), got shape {tuple(x.shape)}")
+        self.check_input(x)
         tokens, grid = self.encoder(x)
         return self.decoder(tokens, grid, x)
 
@@ -196,6 +218,12 @@ def preset_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
     kwargs = copy.deepcopy(PRESETS[name])
     kwargs.update(overrides)
     return kwargs
+
+
+def _check_network_settings(num_classes: int, refine_dim: int) -> None:
+    """The decoder's settings (the encoder checks its own in ``_check_encoder_settings``)."""
+    check_positive_int("num_classes", num_classes)
+    check_positive_int("refine_dim", refine_dim)
 
 
 def unwrap_network(network: nn.Module) -> nn.Module:

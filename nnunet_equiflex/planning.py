@@ -1,4 +1,4 @@
-"""Translating between nnU-Net plans and EquiFlexFormer kwargs; the ViT memory model.
+"""Translating between nnU-Net plans and EquiFlexFormer kwargs; the ViT memory model; label-name checks.
 
 Nothing here imports nnunetv2: trainers and planners pass plain dicts and tuples in.
 """
@@ -6,6 +6,7 @@ Nothing here imports nnunetv2: trainers and planners pass plain dicts and tuples
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from nnunet_equiflex.groups import group_elements
@@ -97,3 +98,35 @@ def batch_size_for_memory(
     ):
         batch += 1
     return max(min_batch_size, min(batch, max_batch_size))
+
+
+# Words that mark a label as one side of a left/right pair, matched as whole words of the label name.
+LATERAL_WORDS = frozenset({"left", "right", "l", "r", "lt", "rt"})
+_CAMEL_CASE = re.compile(r"(?<=[a-z])(?=[A-Z])")
+
+
+def label_words(name: str) -> list[str]:
+    """Lower-case words of a label name: split at non-alphanumerics and lower-to-upper case changes
+    ("kidney_left", "LeftKidney", "L_kidney", "kidneyL"); letter-digit runs stay one word ("L1" vertebra)."""
+    return [word.lower() for word in re.split(r"[^A-Za-z0-9]+", _CAMEL_CASE.sub(" ", name)) if word]
+
+
+def lateralised_labels(label_names: list[str]) -> list[str]:
+    """The label names that name a side (left/right, _l/_r, lt/rt). "LV cavity" or "lateral ventricle" do not:
+    an abbreviation like LV is one word, and "lateral" names no side."""
+    return [name for name in label_names if LATERAL_WORDS.intersection(label_words(name))]
+
+
+def lateralised_label_warning(trainer_name: str, label_names: list[str]) -> str | None:
+    """The start-of-training warning for an exactly reflection-equivariant trainer on lateralised labels."""
+    sided = lateralised_labels(label_names)
+    if not sided:
+        return None
+    return (
+        f"WARNING: label(s) {', '.join(sided)} in dataset.json look lateralised (left/right). {trainer_name} is "
+        "exactly reflection-equivariant (the mirrored image gets the mirrored prediction), so it tells a left/right "
+        "pair apart only through asymmetric context such as an organ on one side, never by the side of the image. "
+        "If left and right get confused, train the same ViT without the lifting: -tr FlexTrainer (not equivariant), "
+        "or -tr FlexTrainerNoMirroring where only the side of the image tells them apart (mirroring augmentation "
+        "teaches any network to ignore the side); see 'Lateralised labels' in the README."
+    )

@@ -137,24 +137,79 @@ def load_pretrained_encoder(
     return report
 
 
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+_NNUNET_CHECKPOINT_KEYS = (b"network_weights", b"trainer_name", b"init_args")
+
+
 def read_checkpoint(path: str | os.PathLike) -> Mapping:
-    """The raw content of a checkpoint file, read without executing code from it."""
+    """The raw content of a checkpoint file, read without executing code from it.
+
+    Anything that is not a readable weight file (a folder, an empty, truncated or corrupt file, a pickle with
+    Python objects) is a ValueError of one line that names the file, what was expected and the fix."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+        hint = f" (it holds {', '.join(inside[:4])})" if inside else ""
+        raise ValueError(f"checkpoint {path} is a folder; pass the weight file inside it{hint}, not the folder")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass a .pth/.pt/.bin/.safetensors file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes), expected a weight file; copy or download it again")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
+        return _read_safetensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error):
+            raise _corrupt(path, "a PyTorch checkpoint (torch.save)", error) from None
+        if is_nnunet_checkpoint(path):
+            raise ValueError(nnunet_checkpoint_message(path)) from None
         raise ValueError(
             f"torch.load(weights_only=True) refused {path}: it stores Python objects besides tensors "
             "(e.g. training arguments); if you trust the file, load it yourself with "
             "torch.load(path, weights_only=False) and pass the dict that holds the weights "
             "(e.g. checkpoint['teacher']) to load_pretrained_encoder"
-        ) from error
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:  # torch's zip reader, a cut-off legacy pickle
+        raise _corrupt(path, "a PyTorch checkpoint (torch.save)", error) from None
+
+
+def _read_safetensors(path: Path) -> Mapping:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as error:  # safetensors raises its own SafetensorError for every malformed file
+        raise _corrupt(path, "a safetensors file", error) from None
+
+
+def _corrupt(path: Path, expected: str, error: Exception) -> ValueError:
+    detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    return ValueError(
+        f"cannot read {path} as {expected} ({detail}); the file is truncated or not a checkpoint: "
+        "copy or download it again"
+    )
+
+
+def is_nnunet_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an nnU-Net training checkpoint (``checkpoint_final.pth`` ...), judged from the key
+    names in its pickle, read as bytes: nothing in the file is executed."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+            data = archive.read(name) if name else b""
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return all(key in data for key in _NNUNET_CHECKPOINT_KEYS)
+
+
+def nnunet_checkpoint_message(path: Path) -> str:
+    return (
+        f"{path} is an nnU-Net training checkpoint (network_weights, trainer_name, init_args), not a foreign ViT "
+        f"checkpoint; to start training from it, pass it to nnU-Net: nnUNetv2_train ... -pretrained_weights {path}"
+    )
 
 
 def convert_state_dict(

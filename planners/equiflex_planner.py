@@ -136,6 +136,10 @@ def plan_dataset(
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 
+    if not nnUNet_preprocessed:
+        raise FileNotFoundError(
+            "nnUNet_preprocessed is not set; export it (and nnUNet_raw, nnUNet_results) to the folders nnU-Net uses"
+        )
     name = maybe_convert_to_dataset_name(dataset)
     folder = Path(nnUNet_preprocessed) / name
     if not (folder / "dataset_fingerprint.json").is_file():

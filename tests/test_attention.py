@@ -241,3 +241,71 @@ def test_window_backend_falls_back_to_eager_when_compiling_fails(monkeypatch, ca
     assert (out - reference).abs().max().item() < 1e-5 and torch.equal(out, again)
     assert fallback.failed
     assert sum("no C++ compiler" in r.getMessage() for r in caplog.records) == 1  # one line, not one per call
+
+
+@pytest.fixture
+def failing_flex(monkeypatch):
+    """FlexAttention that raises as a Triton or driver error would; a fresh fallback state, restored afterwards."""
+    from nnunet_equiflex import attention
+
+    calls = []
+
+    def broken_flex():
+        def raises(*args, **kwargs):
+            calls.append(1)
+            raise RuntimeError("triton: unsupported shape\nlong compiler traceback ...")
+
+        return raises
+
+    monkeypatch.setattr(attention, "_compiled_flex_attention", broken_flex)
+    monkeypatch.setattr(attention._flex_attention, "failed", {})
+    return calls
+
+
+@pytest.mark.parametrize("layout", ["row", "tile4"])
+def test_flex_failure_falls_back_to_sdpa_once_with_one_log_line(failing_flex, caplog, layout):
+    net = tiny_network(attention_backend="sdpa", flex_token_layout=layout)
+    x = torch.randn(2, 2, 32, 24)
+    with torch.no_grad():
+        reference = net(x)
+        net.set_attention_backend("flex")
+        with caplog.at_level("WARNING", logger="nnunet_equiflex.attention"):
+            first = net(x)
+            second = net(torch.randn(1, 2, 16, 16))
+            third = net(x)
+    assert (first - reference).abs().max().item() < 1e-5 and (third - reference).abs().max().item() < 1e-5
+    assert second.shape == (1, 3, 16, 16)
+    assert len(failing_flex) == 1  # tried once, not once per block or per call
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1
+    assert "FlexAttention failed on cpu (RuntimeError: triton: unsupported shape)" in warnings[0]
+    assert "using the sdpa backend" in warnings[0] and "\n" not in warnings[0]
+    assert resolve_backend("flex", torch.device("cpu"), needs_grad=False) == "sdpa"
+    assert resolve_backend("flex", torch.device("cuda"), needs_grad=True) == "flex"  # per device type
+
+
+def test_flex_failure_inside_a_compiled_network_falls_back(failing_flex, caplog):
+    """nnU-Net compiles the whole network on CUDA: the flex call stays outside that graph, so its failure is caught."""
+    net = tiny_network(attention_backend="sdpa")
+    x = torch.randn(1, 2, 32, 24)
+    with torch.no_grad():
+        reference = net(x)
+        net.set_attention_backend("flex")
+        compiled = torch.compile(net, backend="eager", dynamic=False)
+        with caplog.at_level("WARNING", logger="nnunet_equiflex.attention"):
+            first = compiled(x)
+            second = compiled(x)
+    assert (first - reference).abs().max().item() < 1e-5 and (second - reference).abs().max().item() < 1e-5
+    assert len(failing_flex) == 1
+    assert sum("FlexAttention failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_working_flex_is_not_replaced(monkeypatch):
+    from nnunet_equiflex import attention
+
+    monkeypatch.setattr(attention._flex_attention, "failed", {})
+    net = tiny_network(attention_backend="flex")
+    with torch.no_grad():
+        net(torch.randn(1, 2, 16, 16))
+    assert attention._flex_attention.failed == {}
+    assert resolve_backend("flex", torch.device("cpu"), needs_grad=False) == "flex"

@@ -10,6 +10,7 @@ import argparse
 import functools
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -20,7 +21,12 @@ from helpers import max_equivariance_error
 from nnunet_equiflex.encoder import EquiFlexEncoder
 from nnunet_equiflex.groups import group_elements
 from nnunet_equiflex.network import EquiFlexFormer
-from nnunet_equiflex.pretrained import convert_state_dict, find_cached_checkpoint, load_pretrained_encoder
+from nnunet_equiflex.pretrained import (
+    convert_state_dict,
+    find_cached_checkpoint,
+    is_nnunet_checkpoint,
+    load_pretrained_encoder,
+)
 
 EMBED, DEPTH, HEADS, PATCH, GRID = 64, 2, 4, 8, 4
 IMAGE = PATCH * GRID
@@ -327,6 +333,95 @@ def test_unreadable_checkpoints_fail_clearly(tmp_path):
     torch.save({"args": argparse.Namespace(lr=0.1), "teacher": {}}, tmp_path / "pickled.pth")
     with pytest.raises(ValueError, match=r"weights_only=True\) refused .*load it yourself"):
         load_pretrained_encoder(our_encoder(), tmp_path / "pickled.pth")
+
+
+def _written(path, data: bytes):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _cut(path, keep: float):
+    return _written(path, path.read_bytes()[: int(path.stat().st_size * keep)])
+
+
+def _truncated_pth(folder):
+    torch.save({"w": torch.zeros(64)}, folder / "t.pth")
+    return _cut(folder / "t.pth", 0.5)
+
+
+def _truncated_safetensors(folder):
+    save_file({"w": torch.zeros(64)}, folder / "t.safetensors")
+    return _cut(folder / "t.safetensors", 0.9)
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda d: _written(d / "model" / "model.safetensors", b"x").parent,
+         r"model is a folder; pass the weight file inside it \(it holds model.safetensors\), not the folder"),
+        (lambda d: _written(d / "e.pth", b""), r"e.pth is empty \(0 bytes\), expected a weight file"),
+        (lambda d: _written(d / "e.safetensors", b""), r"e.safetensors is empty"),
+        (_truncated_pth,
+         r"cannot read .*t.pth as a PyTorch checkpoint \(torch.save\) \(PytorchStreamReader.*\); the file is "
+         r"truncated or not a checkpoint: copy or download it again"),
+        (lambda d: _written(d / "page.pth", b"<html>404 not found</html>"),
+         r"cannot read .*page.pth as a PyTorch checkpoint.*truncated or not a checkpoint"),
+        (_truncated_safetensors, r"cannot read .*t.safetensors as a safetensors file \(.*\); the file is truncated"),
+        (lambda d: _written(d / "g.safetensors", bytes(range(200))), r"cannot read .*g.safetensors as a safetensors"),
+    ],
+    ids=["folder", "empty-pth", "empty-safetensors", "truncated-pth", "html-page", "truncated-safetensors", "garbage"],
+)  # fmt: skip
+def test_unreadable_files_give_one_line_naming_the_file(tmp_path, make, message):
+    path = make(tmp_path)
+    with pytest.raises(ValueError, match=message) as error:
+        load_pretrained_encoder(our_encoder(), path)
+    assert "\n" not in str(error.value) and str(path) in str(error.value)
+    assert error.value.__context__ is None or error.value.__suppress_context__  # no torch traceback under ours
+
+
+def nnunet_like_checkpoint(path, with_numpy: bool):
+    """The keys nnU-Net's save_checkpoint writes; its logging holds numpy floats, which weights_only refuses."""
+    logging = {"mean_fg_dice": [np.float64(0.5)] if with_numpy else [0.5]}
+    torch.save(
+        {"network_weights": {"encoder.cls_token": torch.zeros(1, 1, EMBED)}, "optimizer_state": {}, "logging": logging,
+         "current_epoch": 4, "init_args": {"fold": 0}, "trainer_name": "EquiFlexTrainer"},
+        path,
+    )  # fmt: skip
+    return path
+
+
+def test_nnunet_checkpoint_points_to_pretrained_weights(tmp_path):
+    path = nnunet_like_checkpoint(tmp_path / "checkpoint_final.pth", with_numpy=True)
+    with pytest.raises(ValueError, match=r"is an nnU-Net training checkpoint .*-pretrained_weights .*checkpoint_final"):
+        load_pretrained_encoder(our_encoder(), path)
+    assert is_nnunet_checkpoint(path)
+    assert is_nnunet_checkpoint(nnunet_like_checkpoint(tmp_path / "plain.pth", with_numpy=False))
+    torch.save(timm_vit().state_dict(), tmp_path / "vit.pth")
+    assert not is_nnunet_checkpoint(tmp_path / "vit.pth")
+    (tmp_path / "text.pth").write_text("network_weights trainer_name init_args")
+    assert not is_nnunet_checkpoint(tmp_path / "text.pth")  # not a torch zip archive
+
+
+def test_equiflex_pretrained_rejects_nnunet_checkpoints(tmp_path, monkeypatch):
+    from nnunet_equiflex.trainers.equiflex_trainers import pretrained_checkpoint_from_env
+
+    for with_numpy in (True, False):  # refused by weights_only, or loadable: both are nnU-Net's, not a ViT's
+        path = nnunet_like_checkpoint(tmp_path / f"checkpoint_final_{with_numpy}.pth", with_numpy)
+        monkeypatch.setenv("EQUIFLEX_PRETRAINED", str(path))
+        with pytest.raises(ValueError, match=r"EQUIFLEX_PRETRAINED=.*nnUNetv2_train ... -pretrained_weights .*unset"):
+            pretrained_checkpoint_from_env()
+
+
+def test_mapping_without_tensors_and_unreadable_position_grid():
+    with pytest.raises(ValueError, match=r"no tensors found in the checkpoint \(top-level keys: epoch, args\); pass"):
+        load_pretrained_encoder(our_encoder(), {"epoch": 3, "args": {"lr": 0.1}})
+    state = timm_vit().state_dict()
+    state["pos_embed"] = torch.zeros(1, 15, EMBED)  # 14 or 15 grid entries: no square grid, not 4x4
+    with pytest.raises(ValueError, match=r"cannot read a token grid from a position embedding of length 15 .*square"):
+        load_pretrained_encoder(our_encoder(), state)
+    report = load_pretrained_encoder(our_encoder(), state, strict_shapes=False)
+    assert "pos_embed" in report.missing and any(s.startswith("pos_embed: shape (1, 15, 64)") for s in report.skipped)
 
 
 def test_find_cached_checkpoint(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """Named preset trainers bring their network shape; budget trainers take their budget from the environment."""
 
 import pytest
+import torch
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_equiflex.network import DEFAULT_PRESET, preset_kwargs
@@ -61,3 +62,70 @@ def test_budget_trainers_need_a_valid_budget(monkeypatch):
             baseline_trainers.budget_from_env()
     assert baseline_trainers.EquiFlexTrainerFlip0_budget.__mro__[1] is equiflex_trainers.EquiFlexTrainerFlip0
     assert baseline_trainers.nnUNetTrainer_budget.__name__ == "nnUNetTrainer_budget"
+
+
+def _equiflex_trainer_classes() -> list[type]:
+    classes = {getattr(m, n) for m in (equiflex_trainers, baseline_trainers) for n in m.__all__}
+    trainers = [c for c in classes if isinstance(c, type) and issubclass(c, equiflex_trainers.EquiFlexTrainer)]
+    return sorted(trainers, key=lambda c: c.__name__)
+
+
+def cnn_plans() -> PlansManager:
+    """Plans whose 2d configuration names nnU-Net's CNN, as nnUNetPlans do."""
+    architecture = {
+        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+        "arch_kwargs": {"n_stages": 5},
+        "_kw_requires_import": [],
+    }
+    return PlansManager({"configurations": {"2d": {"patch_size": [64, 64], "architecture": architecture}}})
+
+
+def block_rates(net) -> list[float]:
+    return [(b.drop_path1.drop_prob, b.drop_path2.drop_prob) for b in net.encoder.blocks]
+
+
+@pytest.mark.parametrize("plans", ["EquiFlexPlans", "nnUNetPlans"])
+@pytest.mark.parametrize("trainer", _equiflex_trainer_classes(), ids=lambda c: c.__name__)
+def test_every_trainer_builds_its_documented_drop_path_with_either_plans(trainer, plans):
+    """0.1 at the last block for the ViT-S/Ti trainers, 0 for the tiny CPU trainers, whatever the plans say."""
+    manager = plans_naming("tiny") if plans == "EquiFlexPlans" else cnn_plans()
+    if plans == "EquiFlexPlans":  # plans that ask for another rate: the trainer's recipe still wins
+        manager.plans["configurations"]["2d"]["architecture"]["arch_kwargs"]["drop_path_rate"] = 0.3
+    expected = 0.0 if issubclass(trainer, equiflex_trainers.EquiFlexTrainerTiny) else 0.1
+    assert trainer.drop_path_rate == expected
+    # the shapes and rates without initialising 21M parameters per trainer (GMR's init reads values: on CPU)
+    with torch.device("cpu" if issubclass(trainer, equiflex_trainers.EquiFlexTrainerGMR) else "meta"):
+        net = trainer.build_network_architecture(manager, manager.get_configuration("2d"), 1, 3, False)
+    depth = len(net.encoder.blocks)
+    assert block_rates(net) == [(r, r) for r in torch.linspace(0, expected, depth).tolist()]
+    assert block_rates(net)[-1] == pytest.approx((expected, expected))
+
+
+@pytest.fixture
+def toy_env(trained_toy, monkeypatch):
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+        monkeypatch.setenv(key, trained_toy["env"][key])
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    return trained_toy
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "trainer,plans,expected_depth",
+    [
+        ("EquiFlexTrainer", "EquiFlexPlans", 4),
+        ("EquiFlexTrainer", "nnUNetPlans", 12),
+        ("EquiFlexTrainerTiny", "nnUNetPlans", 4),
+    ],
+)
+def test_initialized_trainer_trains_with_the_documented_drop_path(toy_env, trainer, plans, expected_depth):
+    """Through nnU-Net's own trainer lookup and initialize(): the toy's EquiFlexPlans name the tiny network (depth 4),
+    nnUNetPlans name the CNN (EquiFlexTrainer then builds vit_s8)."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    instance = get_trainer_from_args("901", "2d", 0, trainer, plans, device=torch.device("cpu"))
+    instance.initialize()
+    expected = 0.0 if trainer == "EquiFlexTrainerTiny" else 0.1
+    rates = block_rates(instance.network)
+    assert len(rates) == expected_depth
+    assert rates[0] == (0.0, 0.0) and rates[-1] == pytest.approx((expected, expected))

@@ -15,6 +15,9 @@ import os
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoMirroring import (
+    nnUNetTrainerNoMirroring,
+)
 
 from nnunet_equiflex.trainers.equiflex_trainers import (
     EquiFlexTrainerFlip0,
@@ -24,6 +27,8 @@ from nnunet_equiflex.trainers.equiflex_trainers import (
     EquiFlexTrainerViTS8,
     EquiFlexTrainerViTTi8,
     FlexTrainerFlip0,
+    FlexTrainerTiny,
+    FlexTrainerTinyNoMirroring,
 )
 
 __all__ = [
@@ -35,6 +40,7 @@ __all__ = [
     "BUDGET_ENV",
     "budget_variant",
     "nnUNetTrainer_budget",
+    "nnUNetTrainerNoMirroring_budget",
     "EquiFlexTrainerViTS8_budget",
     "EquiFlexTrainerFlip0_budget",
     "EquiFlexTrainerFlip2_budget",
@@ -42,6 +48,8 @@ __all__ = [
     "EquiFlexTrainerViTTi8_budget",
     "EquiFlexTrainerTiny_budget",
     "FlexTrainerFlip0_budget",
+    "FlexTrainerTiny_budget",
+    "FlexTrainerTinyNoMirroring_budget",
 ]
 
 # (epochs, training iterations per epoch, validation iterations per epoch)
@@ -99,6 +107,7 @@ def budget_variant(base: type) -> type:
 
 
 nnUNetTrainer_budget = budget_variant(nnUNetTrainer)
+nnUNetTrainerNoMirroring_budget = budget_variant(nnUNetTrainerNoMirroring)  # no mirroring augmentation, no TTA
 EquiFlexTrainerViTS8_budget = budget_variant(EquiFlexTrainerViTS8)
 EquiFlexTrainerFlip0_budget = budget_variant(EquiFlexTrainerFlip0)
 EquiFlexTrainerFlip2_budget = budget_variant(EquiFlexTrainerFlip2)
@@ -106,6 +115,8 @@ EquiFlexTrainerFlip4_budget = budget_variant(EquiFlexTrainerFlip4)
 EquiFlexTrainerViTTi8_budget = budget_variant(EquiFlexTrainerViTTi8)
 EquiFlexTrainerTiny_budget = budget_variant(EquiFlexTrainerTiny)
 FlexTrainerFlip0_budget = budget_variant(FlexTrainerFlip0)
+FlexTrainerTiny_budget = budget_variant(FlexTrainerTiny)
+FlexTrainerTinyNoMirroring_budget = budget_variant(FlexTrainerTinyNoMirroring)
 
 
 class EquiFlexTrainerTiny_demo(EquiFlexTrainerTiny):

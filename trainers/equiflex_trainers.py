@@ -20,10 +20,14 @@ from torch import nn
 import nnunet_equiflex.nnunet_patch  # noqa: F401  nnU-Net's predictor: mirror-symmetric window for our networks
 from nnunet_equiflex.atomic import atomic_write, remove_stale_partials
 from nnunet_equiflex.fault_injection import checkpoint_stream
-from nnunet_equiflex.network import DEFAULT_PRESET, EquiFlexFormer, preset_kwargs
-from nnunet_equiflex.network import unwrap_network
+from nnunet_equiflex.network import DEFAULT_PRESET, EquiFlexFormer, preset_kwargs, unwrap_network
 from nnunet_equiflex.optim import vit_param_groups
-from nnunet_equiflex.planning import check_2d, describes_equiflex, fit_patch_size, network_kwargs
+from nnunet_equiflex.planning import (
+    check_2d,
+    fit_patch_size,
+    lateralised_label_warning,
+    network_kwargs,
+)
 from nnunet_equiflex.resume import choose_checkpoint
 from nnunet_equiflex.schedules import WarmupPolyLRScheduler
 
@@ -35,6 +39,7 @@ __all__ = [
     "EquiFlexTrainer_250epochs",
     "EquiFlexTrainer_500epochs",
     "FlexTrainer",
+    "FlexTrainerNoMirroring",
     "EquiFlexTrainerViTS8",
     "EquiFlexTrainerFlip0",
     "EquiFlexTrainerFlip2",
@@ -42,6 +47,8 @@ __all__ = [
     "EquiFlexTrainerViTTi8",
     "FlexTrainerFlip0",
     "EquiFlexTrainerTiny",
+    "FlexTrainerTiny",
+    "FlexTrainerTinyNoMirroring",
     "EquiFlexTrainerTiny_smoke",
     "FlexTrainerTiny_smoke",
     "EquiFlexTrainerPretrained",
@@ -59,11 +66,12 @@ __all__ = [
 
 
 def _configured_kwargs(trainer_cls: type, configuration_manager: ConfigurationManager) -> dict[str, Any]:
+    """The plans' network (or the trainer's preset when the plans name another), the variant's overrides, and the
+    trainer's drop path: part of the recipe, like the learning rate, so it is the same with any plans."""
     architecture = configuration_manager.configuration.get("architecture")
-    overrides = dict(trainer_cls.network_overrides)
-    if not describes_equiflex(architecture):
-        overrides = {**trainer_cls.network_defaults, **overrides}
-    return network_kwargs(architecture, trainer_cls.network_preset, overrides)
+    kwargs = network_kwargs(architecture, trainer_cls.network_preset, trainer_cls.network_overrides)
+    kwargs["drop_path_rate"] = trainer_cls.drop_path_rate
+    return kwargs
 
 
 def _make_builder(trainer_cls: type) -> staticmethod:
@@ -96,8 +104,9 @@ class EquiFlexTrainer(nnUNetTrainer):
     """
 
     network_preset = DEFAULT_PRESET
-    network_defaults: dict[str, Any] = {"drop_path_rate": 0.1}  # used when the plans do not name our network
     network_overrides: dict[str, Any] = {}  # what a variant is about; wins over the plans
+    drop_path_rate = 0.1  # stochastic depth of the last block (linear from 0); wins over the plans' value
+    mirroring = True  # nnU-Net's mirroring augmentation and TTA for a non-equivariant network (always off otherwise)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -144,11 +153,24 @@ class EquiFlexTrainer(nnUNetTrainer):
         self.plans_manager.get_configuration.cache_clear()
         self.configuration_manager = self.plans_manager.get_configuration(configuration)
 
+    def on_train_start(self):
+        self._warn_if_lateralised()
+        super().on_train_start()
+        if self.local_rank == 0:
+            for path in remove_stale_partials(self.output_folder):
+                self.print_to_log_file(f"removed {path.name}: a checkpoint write cut off by a kill")
+
+    def _warn_if_lateralised(self) -> None:
+        if self.is_equivariant:
+            warning = lateralised_label_warning(type(self).__name__, list(self.dataset_json.get("labels", {})))
+            if warning:
+                self.print_to_log_file(warning)
+
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         rotation, dummy_2d, initial_patch_size, mirror_axes = (
             super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         )
-        if self.is_equivariant:
+        if self.is_equivariant or not self.mirroring:
             self.inference_allowed_mirroring_axes = None
             mirror_axes = None
         return rotation, dummy_2d, initial_patch_size, mirror_axes
@@ -205,12 +227,6 @@ class EquiFlexTrainer(nnUNetTrainer):
             filename_or_checkpoint = str(chosen)
         super().load_checkpoint(filename_or_checkpoint)
 
-    def on_train_start(self):
-        super().on_train_start()
-        if self.local_rank == 0:
-            for path in remove_stale_partials(self.output_folder):
-                self.print_to_log_file(f"removed {path.name}: a checkpoint write cut off by a kill")
-
 
 EquiFlexTrainer.build_network_architecture = _make_builder(EquiFlexTrainer)
 
@@ -235,6 +251,14 @@ class FlexTrainer(EquiFlexTrainer):
     mirror-consistent, so it keeps nnU-Net's mirroring augmentation and test-time mirroring."""
 
     network_overrides = {"group": "none"}
+
+
+class FlexTrainerNoMirroring(FlexTrainer):
+    """FlexTrainer without mirroring augmentation and TTA, for left/right labels that only the side of the image
+    tells apart: mirroring a training sample moves a left structure to the right and keeps its label, which
+    teaches any network to ignore the side (README, "Lateralised labels")."""
+
+    mirroring = False
 
 
 def _preset_variant(base: type, name: str, preset: str, doc: str) -> type:
@@ -282,11 +306,22 @@ class EquiFlexTrainerTiny(EquiFlexTrainer):
 
     network_preset = "tiny"
     network_overrides = preset_kwargs("tiny")  # the whole shape, also over plans that name vit_s8
+    drop_path_rate = 0.0  # 4 blocks trained for a few hundred iterations: stochastic depth only slows them down
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 2e-3
         self.weight_decay = 1e-4
+
+
+class FlexTrainerTiny(EquiFlexTrainerTiny):
+    """The tiny network without the lifting (group "none"): FlexTrainer's ablation at CPU size, with mirroring."""
+
+    network_overrides = {**EquiFlexTrainerTiny.network_overrides, "group": "none"}
+
+
+class FlexTrainerTinyNoMirroring(FlexTrainerTiny):
+    mirroring = False
 
 
 class EquiFlexTrainerTiny_smoke(EquiFlexTrainerTiny):
@@ -311,7 +346,13 @@ def pretrained_checkpoint_from_env() -> Path:
     """The checkpoint named by ``EQUIFLEX_PRETRAINED``: a file path, or a name known to
     ``find_cached_checkpoint`` (``dino_vits8``, an HF repo id, a torch hub file name) found in the
     local torch hub / HF caches. Never downloads."""
-    from nnunet_equiflex.pretrained import KNOWN_CHECKPOINTS, find_cached_checkpoint, hf_hub_cache_dir
+    from nnunet_equiflex.pretrained import (
+        KNOWN_CHECKPOINTS,
+        find_cached_checkpoint,
+        hf_hub_cache_dir,
+        is_nnunet_checkpoint,
+        nnunet_checkpoint_message,
+    )
 
     names = ", ".join(KNOWN_CHECKPOINTS)
     value = os.environ.get(PRETRAINED_ENV, "").strip()
@@ -326,6 +367,11 @@ def pretrained_checkpoint_from_env() -> Path:
         )
     path = Path(value).expanduser()
     if path.is_file():
+        if is_nnunet_checkpoint(path):
+            raise ValueError(
+                f"{PRETRAINED_ENV}={value}: {nnunet_checkpoint_message(path)} with -tr EquiFlexTrainer (or the trainer "
+                f"it came from), and unset {PRETRAINED_ENV}, which is for foreign ViT weights (DINO, timm, HF)"
+            )
         return path
     weight_file_name = os.sep not in value and path.suffix in (".pth", ".pt", ".bin", ".safetensors")
     repo_id = value.count("/") == 1 and not value.startswith((".", "/", "~")) and not path.suffix
