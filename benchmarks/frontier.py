@@ -79,9 +79,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data and budget, CNN and tiny only")
     parser.add_argument("--epochs", type=int, help="training epochs (default 12)")
     parser.add_argument("--iterations", type=int, help="training iterations per epoch (default 50)")
-    parser.add_argument("--networks", nargs="*", help="trainer names to include (default: all of NETWORKS)")
+    parser.add_argument(
+        "--networks", nargs="*", help="trainer names to include, trained in this order (default: all of NETWORKS)"
+    )
     parser.add_argument("--repeats", type=int, help="timing repeats per row (median)")
     parser.add_argument("--timing-only", action="store_true", help="redo only the timing and the table")
+    parser.add_argument(
+        "--train-only", action="store_true", help="stop after training (time later, on an idle machine)"
+    )
     parser.add_argument("--device", default="cpu")
     return parser.parse_args()
 
@@ -94,7 +99,11 @@ def run_settings(args: argparse.Namespace) -> dict:
     settings["budget"] = budget
     settings["repeats"] = args.repeats or settings["repeats"]
     names = args.networks or (QUICK_NETWORKS if args.quick else [t for _, t, _ in NETWORKS])
-    settings["networks"] = [n for n in NETWORKS if n[1] in names]
+    unknown = sorted(set(names) - {t for _, t, _ in NETWORKS})
+    if unknown:
+        raise SystemExit(f"unknown trainers {unknown}; choose from {[t for _, t, _ in NETWORKS]}")
+    settings["networks"] = [n for n in NETWORKS if n[1] in names]  # the table's order
+    settings["training_order"] = list(names)
     if not settings["networks"] or settings["networks"][0][1] != "nnUNetTrainer":
         raise SystemExit("the networks must include nnUNetTrainer: the CNN is every ratio's baseline")
     return settings
@@ -139,7 +148,9 @@ def prepare_and_train(work: Path, settings: dict, env: dict, steps: Steps, devic
         ),
     )
     results = Path(env["nnUNet_results"]) / DATASET_NAME
-    for _, trainer, plans in settings["networks"]:
+    plans_of = {t: p for _, t, p in settings["networks"]}
+    for trainer in settings["training_order"]:
+        plans = plans_of[trainer]
         fold_dir = results / spec(trainer, plans) / "fold_0"
 
         def train(trainer=trainer, plans=plans, fold_dir=fold_dir) -> None:
@@ -166,7 +177,8 @@ def evaluate(work: Path, settings: dict, env: dict, steps: Steps, device: str) -
         args += ["--overwrite", "--device", device]
         run_logged(args, env, work / "logs" / "compare.txt", show=lambda line: not line.startswith("|"))
 
-    steps.run("compare", compare_step)
+    subset = "" if len(specs) == len(NETWORKS) else "_" + "_".join(t for _, t, _ in settings["networks"])
+    steps.run(f"compare{subset}", compare_step)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -398,8 +410,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     (work / ".steps").mkdir(exist_ok=True)
     record = work / "settings.json"
-    saved = {k: v for k, v in settings.items() if k != "repeats"}
-    if record.is_file() and json.loads(record.read_text()) != json.loads(json.dumps(saved)):
+    # the data and the budget define a run folder; the networks may be any subset of it
+    saved = {k: v for k, v in settings.items() if k not in ("repeats", "networks", "training_order")}
+    recorded = json.loads(record.read_text()) if record.is_file() else None
+    if recorded is not None:
+        recorded = {k: v for k, v in recorded.items() if k != "networks"}  # older records listed the networks
+    if recorded is not None and recorded != json.loads(json.dumps(saved)):
         raise SystemExit(f"{work} holds a frontier run with other settings ({record}); choose another folder")
     record.write_text(json.dumps(saved, indent=2))
     env = job_env(work)
@@ -410,6 +426,9 @@ def main() -> None:
     device = torch.device(args.device)
     if not args.timing_only:
         prepare_and_train(work, settings, env, steps, args.device)
+        if args.train_only:
+            print(f"trained: {', '.join(settings['training_order'])}")
+            return
         evaluate(work, settings, env, steps, args.device)
     torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "2")))
     info = timing(settings, env, device)

@@ -46,8 +46,11 @@ def test_network_benchmark_and_profile_run():
 def test_inference_benchmark_runs():
     out = run_benchmark("bench_inference.py", "--quick", "--repeats", "1")
     assert "## case 1x256x256" in out and "## case 1x300x280" in out
-    assert "EquiFlex, EquiFlexPredictor" in out
-    assert "Target 'EquiFlex single pass >= 4x faster per case than the CNN with TTA':" in out
+    from nnunet_equiflex.network import DEFAULT_PRESET
+
+    assert f"EquiFlex {DEFAULT_PRESET}, 1 pass" in out and "EquiFlex tiny, 1 pass" in out
+    assert f"Target 'the default ({DEFAULT_PRESET}) >= 1.5x faster per case than the CNN with TTA':" in out
+    assert "Target 'the smallest preset (tiny) >= 3.0x faster per case than the CNN with TTA':" in out
 
 
 def test_frontier_quick_run_trains_compares_times_and_applies_the_rule(tmp_path):
