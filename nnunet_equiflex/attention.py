@@ -16,7 +16,8 @@ factory that closes over the token geometry. The same window drives every backen
 ``auto`` picks flex on CUDA and window on CPU (training and inference; measured fastest there,
 ``benchmarks/bench_attention.py``).
 
-Token layouts (flex only): the grid tokens may be stored tile by tile instead of row-major
+Grids are 2D or 3D (``(2r+1)^n`` windows); everything above works on both. Token layouts (flex only,
+2D only: a 3D grid stays row-major): the grid tokens may be stored tile by tile instead of row-major
 (``tiled_token_order``: ``t x t`` tiles, prefix tokens moved to the end) with the same mask
 expressed in that index space (``generate_tiled_local_window_mask``) and blocks of ``t * t``
 tokens, so that a block is one tile and its window touches a few neighbouring tiles. The set of
@@ -30,7 +31,9 @@ until a GPU measurement says otherwise.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,29 +51,49 @@ MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tor
 def generate_local_window_mask(
     grid_h: int, grid_w: int, window_radius: int, dilation: int = 1, num_prefix_tokens: int = 1
 ) -> MaskMod:
-    """Each grid token sees the tokens ``dilation * (-r..r)`` rows and columns away; prefix
+    """``generate_grid_window_mask`` on a 2D ``grid_h x grid_w`` grid."""
+    return generate_grid_window_mask((grid_h, grid_w), window_radius, dilation, num_prefix_tokens)
+
+
+def row_major_strides(grid: tuple[int, ...]) -> tuple[int, ...]:
+    """Index step of each axis of a row-major grid (the last axis moves fastest)."""
+    return tuple(math.prod(grid[axis + 1 :]) for axis in range(len(grid)))
+
+
+def generate_grid_window_mask(
+    grid: tuple[int, ...], window_radius: int, dilation: int = 1, num_prefix_tokens: int = 1
+) -> MaskMod:
+    """Each grid token sees the tokens ``dilation * (-r..r)`` steps away along every axis; prefix
     tokens (CLS) see and are seen by all.
 
-    Tokens ``0..num_prefix_tokens-1`` are prefix tokens; the rest lie row-major on a
-    ``grid_h x grid_w`` grid. The window is symmetric in both axes, so attention with this
-    mask commutes with flips (and transposes, on a square grid) of the token grid.
-    Indices are only used arithmetically, so the function is safe on padded index ranges.
+    Tokens ``0..num_prefix_tokens-1`` are prefix tokens; the rest lie row-major on ``grid`` (2D
+    or 3D). The window is symmetric in every axis, so attention with this mask commutes with
+    flips of the token grid (and transposes, on a square 2D grid). Indices are only used
+    arithmetically, so the function is safe on padded index ranges.
     """
     if window_radius < 0 or dilation < 1:
         raise ValueError(f"window_radius must be >= 0 and dilation >= 1, got {window_radius}, {dilation}")
+    grid, reach = tuple(grid), window_radius * dilation
+    strides = row_major_strides(grid)
 
     def local_window(b, h, q_idx, kv_idx):
         q_patch = q_idx - num_prefix_tokens
         kv_patch = kv_idx - num_prefix_tokens
-        dy = q_patch // grid_w - kv_patch // grid_w
-        dx = q_patch % grid_w - kv_patch % grid_w
-        in_window = (dy.abs() <= window_radius * dilation) & (dx.abs() <= window_radius * dilation)
-        if dilation > 1:
-            in_window = in_window & (dy % dilation == 0) & (dx % dilation == 0)
+        in_window = None
+        for axis, (size, stride) in enumerate(zip(grid, strides)):
+            q_coord, kv_coord = q_patch // stride, kv_patch // stride
+            if axis:  # the first axis needs no modulo (and keeps padded indices off the grid)
+                q_coord, kv_coord = q_coord % size, kv_coord % size
+            delta = q_coord - kv_coord
+            near = delta.abs() <= reach
+            if dilation > 1:
+                near = near & (delta % dilation == 0)
+            in_window = near if in_window is None else in_window & near
         is_prefix = (q_patch < 0) | (kv_patch < 0)
         return in_window | is_prefix
 
-    local_window.__name__ = f"local_window_{grid_h}x{grid_w}_r{window_radius}_d{dilation}_p{num_prefix_tokens}"
+    shape = "x".join(map(str, grid))
+    local_window.__name__ = f"local_window_{shape}_r{window_radius}_d{dilation}_p{num_prefix_tokens}"
     return local_window
 
 
@@ -155,24 +178,34 @@ def parse_token_layout(layout: str) -> int | None:
     raise ValueError(f"unknown token layout {layout!r}; choose 'auto', 'row' or 'tileN' (for example 'tile4')")
 
 
+def split_geometry(geometry: tuple[int, ...]) -> tuple[tuple[int, ...], int, int, int]:
+    """``(*grid, radius, dilation, prefix)`` -> ``(grid, radius, dilation, prefix)``: the flat key of the caches."""
+    *grid, radius, dilation, prefix = geometry
+    return tuple(grid), radius, dilation, prefix
+
+
 def _mask_mod(geometry: tuple, tile: int | None, device: torch.device) -> MaskMod:
+    grid, radius, dilation, prefix = split_geometry(geometry)
     if tile is None:
-        return generate_local_window_mask(*geometry)
-    return generate_tiled_local_window_mask(*geometry, tile=tile, device=device)
+        return generate_grid_window_mask(grid, radius, dilation, prefix)
+    return generate_tiled_local_window_mask(*grid, radius, dilation, prefix, tile=tile, device=device)
+
+
+def _sequence_length(geometry: tuple) -> int:
+    grid, _, _, prefix = split_geometry(geometry)
+    return prefix + math.prod(grid)
 
 
 @functools.lru_cache(maxsize=64)
 def _cached_dense_mask(geometry: tuple, device: torch.device, tile: int | None = None) -> torch.Tensor:
-    grid_h, grid_w, _, _, prefix = geometry
-    return dense_mask(_mask_mod(geometry, tile, device), prefix + grid_h * grid_w, device)
+    return dense_mask(_mask_mod(geometry, tile, device), _sequence_length(geometry), device)
 
 
 @functools.lru_cache(maxsize=64)
 def _cached_block_mask(geometry: tuple, device: torch.device, block_size: int, tile: int | None = None):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    grid_h, grid_w, _, _, prefix = geometry
-    seq_len = prefix + grid_h * grid_w
+    seq_len = _sequence_length(geometry)
     return create_block_mask(
         _mask_mod(geometry, tile, device),
         B=None,
@@ -226,64 +259,63 @@ def resolve_backend(backend: str, device: torch.device, needs_grad: bool) -> str
 # window: linear-cost local attention
 
 
-def window_offsets(window_radius: int, dilation: int) -> list[tuple[int, int]]:
-    """The window's (dy, dx) offsets, row-major: ``dilation * (-r..r)`` in both axes."""
+def window_offsets(window_radius: int, dilation: int, spatial_dims: int = 2) -> list[tuple[int, ...]]:
+    """The window's offsets, one per axis, row-major: ``dilation * (-r..r)`` along every axis."""
     steps = [dilation * i for i in range(-window_radius, window_radius + 1)]
-    return [(dy, dx) for dy in steps for dx in steps]
+    return list(itertools.product(steps, repeat=spatial_dims))
 
 
-def window_key_bias(grid_h: int, grid_w: int, window_radius: int, dilation: int) -> torch.Tensor:
-    """``(h*w, K)``: 0 where query ``(y, x)``'s window offset ``k`` lands inside the grid, -inf outside."""
-    ys, xs = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+def window_key_bias(*geometry: int) -> torch.Tensor:
+    """``(prod(grid), K)``: 0 where a query's window offset ``k`` lands inside the grid, -inf outside.
+
+    ``geometry`` is the grid sizes (one per axis), then the window radius and dilation."""
+    *grid, window_radius, dilation = geometry
+    coords = torch.meshgrid(*(torch.arange(size) for size in grid), indexing="ij")
     columns = []
-    for dy, dx in window_offsets(window_radius, dilation):
-        inside = (ys + dy >= 0) & (ys + dy < grid_h) & (xs + dx >= 0) & (xs + dx < grid_w)
+    for offset in window_offsets(window_radius, dilation, len(grid)):
+        inside = torch.ones(grid, dtype=torch.bool)
+        for coord, step, size in zip(coords, offset, grid):
+            inside &= (coord + step >= 0) & (coord + step < size)
         columns.append(torch.where(inside, 0.0, float("-inf")))
-    return torch.stack(columns, dim=-1).flatten(0, 1)
+    return torch.stack(columns, dim=-1).flatten(0, len(grid) - 1)
 
 
 def window_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_bias: torch.Tensor,
-    grid_h: int,
-    grid_w: int,
-    window_radius: int,
-    dilation: int,
-    num_prefix_tokens: int,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor, *geometry: int
 ) -> torch.Tensor:
     """Local-window attention from the window's keys only (prefix tokens first, grid row-major).
 
-    Grid query ``(y, x)`` scores the keys at ``(y + dy, x + dx)`` for the window offsets (a shifted
-    view of the zero-padded key grid per offset; ``key_bias`` removes those outside the grid) and
-    the prefix keys, in one softmax; prefix queries attend to every token. Exactly the pairs of
-    ``generate_local_window_mask``, so the result equals masked SDPA; the work is
-    ``(K + prefix)`` keys per query instead of the whole sequence."""
+    ``geometry`` is the grid sizes (one per axis, 2D or 3D), then window radius, dilation and the
+    number of prefix tokens. Grid query ``y`` scores the keys at ``y + offset`` for the window
+    offsets (a shifted view of the zero-padded key grid per offset; ``key_bias`` removes those
+    outside the grid) and the prefix keys, in one softmax; prefix queries attend to every token.
+    Exactly the pairs of ``generate_grid_window_mask``, so the result equals masked SDPA; the work
+    is ``(K + prefix)`` keys per query instead of the whole sequence."""
+    grid, window_radius, dilation, p = split_geometry(geometry)
     b, heads, seq, dim = q.shape
-    p, pad = num_prefix_tokens, window_radius * dilation
-    offsets = window_offsets(window_radius, dilation)
+    n, pad = len(grid), window_radius * dilation
+    offsets = window_offsets(window_radius, dilation, n)
 
     def grid_of(t: torch.Tensor) -> torch.Tensor:
-        return t[:, :, p:].reshape(b * heads, grid_h, grid_w, dim)
+        return t[:, :, p:].reshape(b * heads, *grid, dim)
 
     query = grid_of(q) * dim**-0.5
-    keys = F.pad(grid_of(k), (0, 0, pad, pad, pad, pad))
-    values = F.pad(grid_of(v), (0, 0, pad, pad, pad, pad))
+    keys = F.pad(grid_of(k), (0, 0) + (pad, pad) * n)
+    values = F.pad(grid_of(v), (0, 0) + (pad, pad) * n)
 
-    def shifted(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-        return t[:, pad + dy : pad + dy + grid_h, pad + dx : pad + dx + grid_w]
+    def shifted(t: torch.Tensor, offset: tuple[int, ...]) -> torch.Tensor:
+        return t[(slice(None), *(slice(pad + o, pad + o + size) for o, size in zip(offset, grid)))]
 
-    local_scores = torch.stack([(query * shifted(keys, dy, dx)).sum(-1) for dy, dx in offsets], dim=-1)
+    local_scores = torch.stack([(query * shifted(keys, o)).sum(-1) for o in offsets], dim=-1)
     prefix_k = k[:, :, :p].reshape(b * heads, p, dim)
     prefix_v = v[:, :, :p].reshape(b * heads, p, dim)
-    prefix_scores = query.flatten(1, 2) @ prefix_k.transpose(1, 2)  # (b*heads, h*w, p)
-    weights = torch.cat([local_scores.flatten(1, 2) + key_bias, prefix_scores], dim=-1).softmax(dim=-1)
-    local_weights = weights[..., : len(offsets)].reshape(b * heads, grid_h, grid_w, len(offsets))
-    out = sum(local_weights[..., i, None] * shifted(values, dy, dx) for i, (dy, dx) in enumerate(offsets))
-    out = out.flatten(1, 2) + weights[..., len(offsets) :] @ prefix_v
+    prefix_scores = query.flatten(1, n) @ prefix_k.transpose(1, 2)  # (b*heads, prod(grid), p)
+    weights = torch.cat([local_scores.flatten(1, n) + key_bias, prefix_scores], dim=-1).softmax(dim=-1)
+    local_weights = weights[..., : len(offsets)].reshape(b * heads, *grid, len(offsets))
+    out = sum(local_weights[..., i, None] * shifted(values, o) for i, o in enumerate(offsets))
+    out = out.flatten(1, n) + weights[..., len(offsets) :] @ prefix_v
     prefix_out = F.scaled_dot_product_attention(q[:, :, :p], k, v)
-    return torch.cat([prefix_out, out.reshape(b, heads, grid_h * grid_w, dim)], dim=2)
+    return torch.cat([prefix_out, out.reshape(b, heads, math.prod(grid), dim)], dim=2)
 
 
 @dataclass(frozen=True, eq=False)
@@ -291,7 +323,7 @@ class WindowMask:
     """What the window backend needs of one geometry: the grid, the window, the border bias and,
     for a tiled token order, the permutations to row-major (``to_row``) and back (``from_row``)."""
 
-    grid: tuple[int, int]
+    grid: tuple[int, ...]
     window_radius: int
     dilation: int
     num_prefix_tokens: int
@@ -302,13 +334,13 @@ class WindowMask:
 
 @functools.lru_cache(maxsize=64)
 def _cached_window_mask(geometry: tuple, device: torch.device, tile: int | None = None) -> WindowMask:
-    grid_h, grid_w, radius, dilation, prefix = geometry
-    bias = window_key_bias(grid_h, grid_w, radius, dilation).to(device)
+    grid, radius, dilation, prefix = split_geometry(geometry)
+    bias = window_key_bias(*grid, radius, dilation).to(device)
     to_row = from_row = None
     if tile is not None:  # layout index -> row-major index and back
-        order = tiled_token_order(grid_h, grid_w, tile, prefix)
+        order = tiled_token_order(*grid, tile, prefix)
         to_row, from_row = torch.argsort(order).to(device), order.to(device)
-    return WindowMask((grid_h, grid_w), radius, dilation, prefix, bias, to_row, from_row)
+    return WindowMask(grid, radius, dilation, prefix, bias, to_row, from_row)
 
 
 WINDOW_COMPILE_ENV = "EQUIFLEX_WINDOW_COMPILE"
@@ -391,7 +423,7 @@ LocalMask = torch.Tensor | WindowMask | object  # a dense bool mask (sdpa), a Wi
 
 @torch.compiler.disable
 def local_attention_mask(
-    grid: tuple[int, int],
+    grid: tuple[int, ...],
     window_radius: int,
     dilation: int,
     num_prefix_tokens: int,
@@ -406,7 +438,9 @@ def local_attention_mask(
     Kept out of ``torch.compile``: when a caller compiles the whole network (nnU-Net does on
     CUDA), the mask is still built once and looked up, not traced into the graph and rebuilt on
     every call."""
-    geometry = (grid[0], grid[1], window_radius, dilation, num_prefix_tokens)
+    if tile is not None and len(grid) != 2:
+        raise ValueError(f"tiled token layouts are 2D-only, got a {len(grid)}D grid {tuple(grid)}; pass tile=None")
+    geometry = (*grid, window_radius, dilation, num_prefix_tokens)
     if backend == "sdpa":
         return _cached_dense_mask(geometry, device, tile)
     if backend == "window":
@@ -462,7 +496,7 @@ def local_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    grid: tuple[int, int],
+    grid: tuple[int, ...],
     window_radius: int,
     dilation: int = 1,
     num_prefix_tokens: int = 1,

@@ -14,24 +14,28 @@ import torch.nn.functional as F
 
 from nnunet_equiflex.attention import LocalMask, attend_local
 
+CONVS = {2: nn.Conv2d, 3: nn.Conv3d}  # spatial dims -> convolution
+
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping ``p x p`` patches projected to ``embed_dim`` (a strided convolution)."""
+    """Non-overlapping patches (token size per axis, 2D or 3D) projected to ``embed_dim`` (a strided convolution)."""
 
-    def __init__(self, in_channels: int, embed_dim: int, patch_size: int) -> None:
+    def __init__(
+        self, in_channels: int, embed_dim: int, patch_size: int | tuple[int, ...], spatial_dims: int = 2
+    ) -> None:
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = CONVS[spatial_dims](in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, h*w, D)
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, prod(grid), D)
 
     def forward_symmetrised(self, x: torch.Tensor, elements) -> torch.Tensor:
         """The embedding with its filter averaged over ``elements`` (objects with ``apply``, acting
         on the filter's spatial axes as on an image): one pass that equals the mean over ``g`` of
         ``g^-1 embed(g x)`` on the token grid."""
         weight = torch.stack([g.apply(self.proj.weight) for g in elements]).mean(dim=0)
-        return F.conv2d(x, weight, self.proj.bias, stride=self.patch_size).flatten(2).transpose(1, 2)
+        return self.proj._conv_forward(x, weight, self.proj.bias).flatten(2).transpose(1, 2)
 
 
 class LayerScale(nn.Module):

@@ -1,10 +1,11 @@
-"""The light upsampling head: 1x1 projection of the tokens, bilinear upsampling, optional refinement.
+"""The light upsampling head: 1x1 projection of the tokens, upsampling by the token size, optional refinement.
 
-Bilinear upsampling by an integer factor with ``align_corners=False`` samples output pixel
-``i`` at ``(i + 0.5) / p - 0.5``, which is symmetric about the centre of the grid, so it
-commutes with flips and (for equal factors) transposes. The optional refinement uses 3x3
-kernels averaged over their own images under the group, so a convolution with them commutes
-with every group element as well (zero padding is symmetric too).
+Linear interpolation (bilinear in 2D, trilinear in 3D) by an integer factor per axis with
+``align_corners=False`` samples output pixel ``i`` at ``(i + 0.5) / p - 0.5``, which is
+symmetric about the centre of the grid, so it commutes with flips of every axis and (for equal
+factors) transposes. The optional refinement uses ``3^n`` kernels averaged over their own images
+under the group, so a convolution with them commutes with every group element as well (zero
+padding is symmetric too).
 """
 
 from __future__ import annotations
@@ -16,28 +17,43 @@ import torch.nn.functional as F
 from nnunet_equiflex.groups import group_elements
 
 
-class SymmetricConv2d(nn.Conv2d):
-    """A ``k x k`` convolution whose kernel is symmetrised over a group's action on the kernel."""
+class _SymmetricConv:
+    """A ``k^n`` convolution whose kernel is symmetrised over a group's action on the kernel (mixed into ConvNd)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, group: str = "d2") -> None:
         super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
-        self.elements = group_elements(group)
+        self.elements = group_elements(group, self.weight.ndim - 2)
 
     def symmetric_weight(self) -> torch.Tensor:
         return torch.stack([g.apply(self.weight) for g in self.elements]).mean(dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.symmetric_weight(), self.bias, padding=self.padding)
+        return self._conv_forward(x, self.symmetric_weight(), self.bias)
+
+
+class SymmetricConv2d(_SymmetricConv, nn.Conv2d):
+    pass
+
+
+class SymmetricConv3d(_SymmetricConv, nn.Conv3d):
+    pass
+
+
+SYMMETRIC_CONVS = {2: SymmetricConv2d, 3: SymmetricConv3d}
+UPSAMPLING_MODES = {2: "bilinear", 3: "trilinear"}
 
 
 class Refinement(nn.Module):
     """Full-resolution residual correction from the upsampled features and the input image."""
 
-    def __init__(self, in_channels: int, feature_dim: int, num_classes: int, hidden: int, group: str) -> None:
+    def __init__(
+        self, in_channels: int, feature_dim: int, num_classes: int, hidden: int, group: str, spatial_dims: int = 2
+    ) -> None:
         super().__init__()
-        self.conv1 = SymmetricConv2d(in_channels + feature_dim, hidden, 3, group)
+        conv = SYMMETRIC_CONVS[spatial_dims]
+        self.conv1 = conv(in_channels + feature_dim, hidden, 3, group)
         self.act = nn.GELU()
-        self.conv2 = SymmetricConv2d(hidden, num_classes, 3, group)
+        self.conv2 = conv(hidden, num_classes, 3, group)
         nn.init.zeros_(self.conv2.weight)  # start as the plain upsampled head
         nn.init.zeros_(self.conv2.bias)
 
@@ -46,7 +62,7 @@ class Refinement(nn.Module):
 
 
 class LightDecoder(nn.Module):
-    """Tokens ``(B, 1 + h*w, D)`` -> logits ``(B, num_classes, H, W)``.
+    """Tokens ``(B, 1 + prod(grid), D)`` -> logits ``(B, num_classes, *spatial)``, 2D or 3D.
 
     The final LayerNorm lives in the encoder (``encoder.norm``, as in timm's layout).
     """
@@ -55,23 +71,27 @@ class LightDecoder(nn.Module):
         self,
         embed_dim: int,
         num_classes: int,
-        patch_size: int,
+        patch_size: int | tuple[int, ...],
         in_channels: int,
         refine: bool = False,
         refine_dim: int = 32,
         group: str = "d2",
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         self.patch_size = patch_size
+        self.mode = UPSAMPLING_MODES[spatial_dims]
         self.head = nn.Linear(embed_dim, num_classes)
         self.refine_proj = nn.Linear(embed_dim, refine_dim) if refine else None
-        self.refinement = Refinement(in_channels, refine_dim, num_classes, refine_dim, group) if refine else None
+        self.refinement = (
+            Refinement(in_channels, refine_dim, num_classes, refine_dim, group, spatial_dims) if refine else None
+        )
 
-    def _upsample(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def _upsample(self, tokens: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
         maps = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
-        return F.interpolate(maps, scale_factor=self.patch_size, mode="bilinear", align_corners=False)
+        return F.interpolate(maps, scale_factor=self.patch_size, mode=self.mode, align_corners=False)
 
-    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], image: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, ...], image: torch.Tensor) -> torch.Tensor:
         patches = tokens[:, 1:]
         logits = self._upsample(self.head(patches), grid)
         if self.refinement is not None:

@@ -1,6 +1,7 @@
 """The EquiFlexFormer encoder: patch embedding, lifting over a symmetry group, global and local blocks.
 
-Forward pass for ``x`` of shape ``(B, C, H, W)``:
+Forward pass for ``x`` of shape ``(B, C, H, W)`` or, with ``spatial_dims=3``, ``(B, C, D, H, W)``
+(one code path; the axis count is a parameter, the token size may differ per axis):
 
 1. Lifting: the ``|G|`` transformed copies ``g(x)`` are batched into one pass of batch
    ``|G| * B``; each gets patch embedding, position embedding, a CLS token and the first
@@ -12,7 +13,7 @@ Forward pass for ``x`` of shape ``(B, C, H, W)``:
    ``g' = g h``), whatever ``L`` computes, position embeddings included.
 3. The remaining blocks add no position information, so the pooled tokens move with the image:
    ``T(h x) = h . T(x)``. Global attention commutes with any permutation of its tokens, and local
-   attention over a symmetric ``(2r+1) x (2r+1)`` window (plus CLS) with the flips and
+   attention over a symmetric ``(2r+1)^n`` window (plus CLS) with the flips and
    transposes of the grid, so every block there commutes with every element of ``G``.
 
 Global or local is a choice per block index, independent of the lifting: the first
@@ -30,7 +31,8 @@ Options from the neighbouring equivariant ViTs (none changes the argument above)
 convolutions (Equi-ViT; radially symmetric kernels, see ``gmr.py``), which commute with D4 on
 their own; ``alternate_dilation`` makes every second local block dense and the others dilated
 by ``window_dilation`` (all windows symmetric); ``group="d4"`` adds the 90-degree rotations
-(square inputs only).
+(square inputs only). ``group="flips"`` is the flips of every spatial axis: D2 in 2D (the same
+as ``"d2"``), the 8 flips of a volume in 3D; ``"d4"`` and GMR are 2D-only.
 
 Optional register tokens (DINOv2 with registers) are extra prefix tokens after CLS, without a
 position embedding entry: like CLS they are pooled over ``G`` after the lifting and see and are
@@ -42,6 +44,8 @@ Parameter names follow timm's VisionTransformer (``cls_token``, ``pos_embed``,
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -57,10 +61,13 @@ from nnunet_equiflex.attention import (
 )
 from nnunet_equiflex.blocks import Block, PatchEmbed, init_weights
 from nnunet_equiflex.gmr import GMRPatchEmbed
-from nnunet_equiflex.groups import check_grid_supported, group_elements
+from nnunet_equiflex.groups import SPATIAL_DIMS, check_grid_supported, check_group, group_elements
 
 POOLINGS = ("max", "mean")
 PATCH_EMBEDS = ("linear", "gmr")
+POS_EMBED_MODES = {2: "bicubic", 3: "trilinear"}  # resampling of the position embedding
+_COUNT_WORDS = {2: "two", 3: "three"}
+_AXES_WORDS = {2: "rows, columns", 3: "depth, rows, columns"}
 
 
 class EquiFlexEncoder(nn.Module):
@@ -83,7 +90,7 @@ class EquiFlexEncoder(nn.Module):
         group_pooling: str = "max",
         drop_path_rate: float = 0.0,
         attention_backend: str = "auto",
-        pos_embed_grid: tuple[int, int] = (28, 28),
+        pos_embed_grid: tuple[int, ...] | list[int] | None = None,
         num_register_tokens: int = 0,
         layer_scale_init: float | None = None,
         patch_embed: str = "linear",
@@ -94,17 +101,23 @@ class EquiFlexEncoder(nn.Module):
         alternate_dilation: bool = False,
         flex_token_layout: str = "auto",
         n_global_blocks: int | None = None,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         n_global_blocks = n_lifted_blocks if n_global_blocks is None else n_global_blocks
+        check_spatial_dims(spatial_dims)
+        pos_embed_grid = default_pos_embed_grid(spatial_dims) if pos_embed_grid is None else pos_embed_grid
+        _check_dimension_settings(spatial_dims, patch_size, tuple(pos_embed_grid), group, patch_embed)
         _check_encoder_settings(
-            in_channels=in_channels, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+            in_channels=in_channels, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
             mlp_ratio=mlp_ratio, n_lifted_blocks=n_lifted_blocks, n_global_blocks=n_global_blocks,
             window_radius=window_radius, window_dilation=window_dilation, group_pooling=group_pooling,
-            drop_path_rate=drop_path_rate, pos_embed_grid=pos_embed_grid, patch_embed=patch_embed,
+            drop_path_rate=drop_path_rate, patch_embed=patch_embed,
             gmr_rings=gmr_rings, alternate_dilation=alternate_dilation, num_register_tokens=num_register_tokens,
         )  # fmt: skip
-        self.patch_size = patch_size
+        self.spatial_dims = spatial_dims
+        self.patch_size = tuple(patch_size) if isinstance(patch_size, (list, tuple)) else patch_size
+        self.token_size = token_size_per_axis(patch_size, spatial_dims)
         self.embed_dim = embed_dim
         self.n_lifted_blocks = n_lifted_blocks
         self.n_global_blocks = n_global_blocks
@@ -115,7 +128,7 @@ class EquiFlexEncoder(nn.Module):
         self.group_pooling = group_pooling
         self.attention_backend = check_backend(attention_backend)
         self.set_flex_token_layout(flex_token_layout)
-        self.elements = group_elements(group)
+        self.elements = group_elements(group, spatial_dims)
         self.pos_embed_grid = tuple(pos_embed_grid)
         self.num_register_tokens = num_register_tokens
         self.num_prefix_tokens = 1 + num_register_tokens  # CLS, then the registers
@@ -123,14 +136,14 @@ class EquiFlexEncoder(nn.Module):
 
         if patch_embed == "gmr":
             self.patch_embed = GMRPatchEmbed(
-                in_channels, embed_dim, patch_size, gmr_kernel_sizes, gmr_rings, gmr_hidden_dim, gmr_strides
+                in_channels, embed_dim, self.token_size[0], gmr_kernel_sizes, gmr_rings, gmr_hidden_dim, gmr_strides
             )
         else:
-            self.patch_embed = PatchEmbed(in_channels, embed_dim, patch_size)
+            self.patch_embed = PatchEmbed(in_channels, embed_dim, self.patch_size, spatial_dims)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # Registers have no position embedding entry (as in DINOv2); None keeps the state dict unchanged.
         self.reg_token = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.pos_embed_grid[0] * self.pos_embed_grid[1], embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + math.prod(self.pos_embed_grid), embed_dim))
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # also under a meta device
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rate, norm_eps, layer_scale_init) for rate in rates
@@ -144,28 +157,32 @@ class EquiFlexEncoder(nn.Module):
 
     # -- embedding ------------------------------------------------------------------------------------------
 
-    def token_grid(self, height: int, width: int) -> tuple[int, int]:
-        p = self.patch_size
-        if height % p or width % p:
+    def token_grid(self, *sizes: int) -> tuple[int, ...]:
+        """The token grid of an input with spatial ``sizes`` (one per axis), or an error naming the fix."""
+        token = self.token_size
+        if any(size % t for size, t in zip(sizes, token)):
+            label = self.patch_size if _is_int(self.patch_size) else "x".join(map(str, token))
+            each = "" if _is_int(self.patch_size) else " on each axis"
             raise ValueError(
-                f"input size ({height}, {width}) is not divisible by the token size {p}; pad or crop "
-                f"to a multiple of {p} (in nnU-Net: re-plan with the EquiFlex planner or pick a patch "
-                f"size that is a multiple of {p})"
+                f"input size {tuple(sizes)} is not divisible by the token size {label}; pad or crop "
+                f"to a multiple of {label}{each} (in nnU-Net: re-plan with the EquiFlex planner or pick a patch "
+                f"size that is a multiple of {label})"
             )
-        check_grid_supported(self.group, height, width)
-        return height // p, width // p
+        check_grid_supported(self.group, *sizes)
+        return tuple(size // t for size, t in zip(sizes, token))
 
-    def interpolated_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
-        """Position embedding resampled bicubically to ``grid`` (identity on the native grid)."""
+    def interpolated_pos_embed(self, grid: tuple[int, ...]) -> torch.Tensor:
+        """Position embedding resampled to ``grid`` (bicubic in 2D, trilinear in 3D; identity on the native grid)."""
         cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         if tuple(grid) != self.pos_embed_grid:
-            patch_pos = patch_pos.reshape(1, *self.pos_embed_grid, -1).permute(0, 3, 1, 2)
-            patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
-            patch_pos = patch_pos.permute(0, 2, 3, 1).flatten(1, 2)
+            mode = POS_EMBED_MODES[self.spatial_dims]
+            patch_pos = patch_pos.reshape(1, *self.pos_embed_grid, -1).movedim(-1, 1)
+            patch_pos = F.interpolate(patch_pos, size=tuple(grid), mode=mode, align_corners=False)
+            patch_pos = patch_pos.movedim(1, -1).flatten(1, self.spatial_dims)
         return torch.cat([cls_pos, patch_pos], dim=1)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        grid = tuple(size // t for size, t in zip(x.shape[2:], self.token_size))
         return self.add_prefix_and_position(self.patch_embed(x), self.interpolated_pos_embed(grid))
 
     def add_prefix_and_position(self, tokens: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
@@ -184,7 +201,7 @@ class EquiFlexEncoder(nn.Module):
         """Mean pooling with no lifted block: the lifting is one linear map (see the module docstring)."""
         return self.group_pooling == "mean" and self.n_lifted_blocks == 0 and len(self.elements) > 1
 
-    def lift_and_pool(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def lift_and_pool(self, x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
         """Steps 1 and 2: the lifted blocks on all ``g(x)`` in one batch, then ``pool_g g^-1``."""
         if self.fold_linear_lifting and self.lifting_is_linear:
             return self.folded_lifting(x, grid)
@@ -192,7 +209,7 @@ class EquiFlexEncoder(nn.Module):
         tokens = self.run_blocks(tokens, grid, 0, self.n_lifted_blocks)
         return self.pool(tokens, x.shape[0], grid)
 
-    def embed_copies(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def embed_copies(self, x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
         """Embedded tokens of every ``g(x)``, stacked along the batch in the order of ``elements``."""
         # All copies have x's shape (D4 is only allowed on squares), so they share one pass.
         if isinstance(self.patch_embed, GMRPatchEmbed):
@@ -202,7 +219,7 @@ class EquiFlexEncoder(nn.Module):
             return self.add_prefix_and_position(moved, self.interpolated_pos_embed(grid))
         return self.embed(torch.cat([g.apply(x) for g in self.elements], dim=0))
 
-    def pool(self, tokens: torch.Tensor, batch: int, grid: tuple[int, int]) -> torch.Tensor:
+    def pool(self, tokens: torch.Tensor, batch: int, grid: tuple[int, ...]) -> torch.Tensor:
         """``pool_g g^-1`` over the copies stacked along the batch."""
         prefix = self.num_prefix_tokens
         aligned = []
@@ -212,7 +229,7 @@ class EquiFlexEncoder(nn.Module):
         stacked = torch.stack(aligned, dim=0)
         return stacked.amax(dim=0) if self.group_pooling == "max" else stacked.mean(dim=0)
 
-    def folded_lifting(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def folded_lifting(self, x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
         """The linear lifting in one pass: group-averaged filter and position embedding.
 
         ``mean_g g^-1 embed(g x)`` is the embedding with the filter averaged over ``G`` (GMR
@@ -244,19 +261,19 @@ class EquiFlexEncoder(nn.Module):
     def local_token_layout(self, device: torch.device, needs_grad: bool) -> tuple[str, int | None]:
         """The local blocks' attention backend and, for flex, its tile size (None: row-major)."""
         backend = resolve_backend(self.attention_backend, device, needs_grad)
-        if backend != "flex":
+        if backend != "flex" or self.spatial_dims != 2:  # tiled layouts are 2D-only: 3D grids stay row-major
             return backend, None
         layout = self.flex_token_layout
         return backend, parse_token_layout(default_token_layout(device) if layout == "auto" else layout)
 
-    def run_blocks(self, tokens: torch.Tensor, grid: tuple[int, int], start: int, stop: int) -> torch.Tensor:
+    def run_blocks(self, tokens: torch.Tensor, grid: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
         """Blocks ``start..stop-1`` on tokens ``(N, prefix + h*w, D)``: global ones, then local ones."""
         split = min(max(self.n_global_blocks, start), stop)
         for block in self.blocks[start:split]:
             tokens = block(tokens)
         return self.run_local_blocks(tokens, grid, split, stop) if split < stop else tokens
 
-    def run_local_blocks(self, tokens: torch.Tensor, grid: tuple[int, int], start: int, stop: int) -> torch.Tensor:
+    def run_local_blocks(self, tokens: torch.Tensor, grid: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
         """Local blocks ``start..stop-1``, with one mask per dilation looked up once.
 
         With a tiled flex layout the tokens are permuted once into tile order, go through every
@@ -276,13 +293,13 @@ class EquiFlexEncoder(nn.Module):
             tokens = block(tokens, masks[dilation])
         return tokens if tile is None else tokens[:, inverse]
 
-    def forward_after_pooling(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def forward_after_pooling(self, tokens: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
         """Step 3: the blocks after the lifting, on pooled tokens ``(B, prefix + h*w, D)``."""
         return self.run_blocks(tokens, grid, self.n_lifted_blocks, len(self.blocks))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Return normalised tokens ``(B, 1 + h*w, D)`` (CLS first) and the token grid ``(h, w)``."""
-        grid = self.token_grid(x.shape[-2], x.shape[-1])
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Return normalised tokens ``(B, 1 + prod(grid), D)`` (CLS first) and the token grid (one size per axis)."""
+        grid = self.token_grid(*x.shape[2:])
         tokens = self.norm(self.forward_after_pooling(self.lift_and_pool(x, grid), grid))
         if self.num_register_tokens:
             tokens = torch.cat([tokens[:, :1], tokens[:, self.num_prefix_tokens :]], dim=1)
@@ -292,7 +309,6 @@ class EquiFlexEncoder(nn.Module):
 def _check_encoder_settings(
     *,
     in_channels: int,
-    patch_size: int,
     embed_dim: int,
     depth: int,
     num_heads: int,
@@ -303,7 +319,6 @@ def _check_encoder_settings(
     window_dilation: int,
     group_pooling: str,
     drop_path_rate: float,
-    pos_embed_grid: tuple[int, ...],
     patch_embed: str,
     gmr_rings: int | None,
     alternate_dilation: bool,
@@ -311,7 +326,7 @@ def _check_encoder_settings(
 ) -> None:
     """Every setting that cannot work, rejected at construction with the fix (not at the first forward)."""
     for name, value in (
-        ("in_channels", in_channels), ("patch_size", patch_size), ("embed_dim", embed_dim), ("num_heads", num_heads),
+        ("in_channels", in_channels), ("embed_dim", embed_dim), ("num_heads", num_heads),
         ("window_dilation", window_dilation),
     ):  # fmt: skip
         check_positive_int(name, value)
@@ -332,11 +347,6 @@ def _check_encoder_settings(
             f"drop_path_rate must lie in [0, 1) (1 drops every residual branch and training gives NaN), "
             f"got {drop_path_rate}; ViT recipes use 0.1 to 0.2"
         )
-    if len(pos_embed_grid) != 2 or not all(_is_int(n) and n >= 1 for n in pos_embed_grid):
-        raise ValueError(
-            f"pos_embed_grid must be two integers >= 1 (rows, columns of the native token grid, e.g. [28, 28]), "
-            f"got {list(pos_embed_grid)}"
-        )
     if patch_embed not in PATCH_EMBEDS:
         raise ValueError(f"unknown patch_embed {patch_embed!r}; choose one of {', '.join(PATCH_EMBEDS)}")
     if gmr_rings is not None and (not _is_int(gmr_rings) or gmr_rings < 1):
@@ -354,6 +364,57 @@ def _check_encoder_settings(
         raise ValueError(f"n_global_blocks must lie in 0..depth ({depth}), got {n_global_blocks}")
     if group_pooling not in POOLINGS:
         raise ValueError(f"unknown group_pooling {group_pooling!r}; choose one of {', '.join(POOLINGS)}")
+
+
+def check_spatial_dims(spatial_dims: object) -> None:
+    if not _is_int(spatial_dims) or spatial_dims not in SPATIAL_DIMS:
+        raise ValueError(
+            f"spatial_dims must be 2 (images (B, C, H, W)) or 3 (volumes (B, C, D, H, W)), got {spatial_dims!r}"
+        )
+
+
+def default_pos_embed_grid(spatial_dims: int) -> tuple[int, ...]:
+    """DINO's 28x28 (224 px at token size 8) in 2D; 8x8x8 in 3D."""
+    return (28, 28) if spatial_dims == 2 else (8,) * spatial_dims
+
+
+def token_size_per_axis(patch_size: int | tuple[int, ...] | list[int], spatial_dims: int) -> tuple[int, ...]:
+    """One integer (the same on every axis) or one per axis -> one per axis."""
+    return (patch_size,) * spatial_dims if _is_int(patch_size) else tuple(patch_size)
+
+
+def _check_per_axis(name: str, value: object, spatial_dims: int, meaning: str, example: list[int]) -> None:
+    sequence = isinstance(value, (list, tuple))
+    if not sequence or len(value) != spatial_dims or not all(_is_int(v) and v >= 1 for v in value):
+        raise ValueError(
+            f"{name} must be {_COUNT_WORDS[spatial_dims]} integers >= 1 ({meaning}, e.g. {example}), "
+            f"got {list(value) if sequence else value!r}"
+        )
+
+
+def _check_dimension_settings(
+    spatial_dims: int, patch_size: object, pos_embed_grid: tuple[int, ...], group: str, patch_embed: str
+) -> None:
+    """The settings whose meaning depends on the number of spatial axes, checked at construction."""
+    if isinstance(patch_size, (list, tuple)):
+        example = [4] + [8] * (spatial_dims - 1)
+        _check_per_axis("patch_size", patch_size, spatial_dims, "the token size per axis, or one integer", example)
+    else:
+        check_positive_int("patch_size", patch_size)
+    meaning = f"{_AXES_WORDS[spatial_dims]} of the native token grid"
+    _check_per_axis("pos_embed_grid", pos_embed_grid, spatial_dims, meaning, list(default_pos_embed_grid(spatial_dims)))
+    check_group(group, spatial_dims)
+    if patch_embed == "gmr" and spatial_dims != 2:
+        raise ValueError(
+            f"patch_embed='gmr' (Gaussian-Mixture-Ring convolutions) is 2D-only, got spatial_dims={spatial_dims}; "
+            "use patch_embed='linear'"
+        )
+    if len(set(token_size_per_axis(patch_size, spatial_dims))) > 1 and (patch_embed == "gmr" or group == "d4"):
+        name = "patch_embed='gmr'" if patch_embed == "gmr" else "group 'd4' (it transposes the axes)"
+        raise ValueError(
+            f"{name} needs the same token size on both axes, got patch_size={list(patch_size)}; pass one integer "
+            "patch_size" + ("" if patch_embed == "gmr" else " or use group='d2'")
+        )
 
 
 def _is_int(value: object) -> bool:

@@ -15,9 +15,10 @@ pairs (what the window and flex backends compute, up to block granularity);
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from nnunet_equiflex.attention import dense_mask, generate_local_window_mask
+from nnunet_equiflex.encoder import token_size_per_axis
 from nnunet_equiflex.groups import group_elements
 from nnunet_equiflex.network import preset_kwargs
 
@@ -33,12 +34,20 @@ _DEFAULTS = dict(
     refine_dim=32,
     alternate_dilation=False,
     patch_embed="linear",
+    spatial_dims=2,
 )
 
 
-def _window_pairs(grid: tuple[int, int], radius: int, dilation: int, prefix: int) -> int:
-    mask_mod = generate_local_window_mask(*grid, radius, dilation, prefix)
-    return int(dense_mask(mask_mod, prefix + grid[0] * grid[1]).sum())
+def window_pairs(grid: tuple[int, ...], radius: int, dilation: int, prefix: int) -> int:
+    """The (query, key) pairs of ``generate_grid_window_mask``, counted without building the mask.
+
+    Every pair with a prefix token, plus the grid pairs: the window is a product of one window per
+    axis, so those are the product over the axes of the pairs of positions ``dilation * (-r..r)``
+    apart (``size - |offset|`` pairs for each offset)."""
+    tokens = math.prod(grid)
+    seq = prefix + tokens
+    per_axis = [sum(max(size - abs(dilation * i), 0) for i in range(-radius, radius + 1)) for size in grid]
+    return seq * seq - tokens * tokens + math.prod(per_axis)
 
 
 def equiflex_forward_flops(
@@ -58,19 +67,20 @@ def equiflex_forward_flops(
     k = {**_DEFAULTS, **kwargs}
     if k["patch_embed"] != "linear":
         raise ValueError("analytic FLOPs cover the linear patch embedding only; count GMR with FlopCounterMode")
-    p, dim, depth = k["patch_size"], k["embed_dim"], k["depth"]
+    n, dim, depth = k["spatial_dims"], k["embed_dim"], k["depth"]
+    token = token_size_per_axis(k["patch_size"], n)
     n_lifted = k["n_lifted_blocks"]
     n_global = n_lifted if k.get("n_global_blocks") is None else k["n_global_blocks"]
-    copies = len(group_elements(k["group"]))
+    copies = len(group_elements(k["group"], n))
     linear_lifting = k["group_pooling"] == "mean" and n_lifted == 0 and copies > 1
-    grid = (patch_size[0] // p, patch_size[1] // p)
-    patches = grid[0] * grid[1]
+    grid = tuple(size // t for size, t in zip(patch_size, token))
+    patches = math.prod(grid)
     prefix = 1 + k["num_register_tokens"]
     seq = prefix + patches
     hidden = int(dim * k["mlp_ratio"])
 
     embed_copies = 1 if (linear_lifting and folded_lifting) else copies
-    flops = {"embedding": embed_copies * 2 * patches * in_channels * p * p * dim}
+    flops = {"embedding": embed_copies * 2 * patches * in_channels * math.prod(token) * dim}
     linear = attention = 0
     n_local = depth - n_global
     dilations = [k["window_dilation"]] * n_local
@@ -82,14 +92,14 @@ def equiflex_forward_flops(
         if index < n_global or local_attention == "dense":
             pairs = seq * seq
         else:
-            pairs = _window_pairs(grid, k["window_radius"], dilations[index - n_global], prefix)
+            pairs = window_pairs(grid, k["window_radius"], dilations[index - n_global], prefix)
         attention += block_copies * 4 * pairs * dim  # q k^T and weights @ v
     flops["linear layers"] = linear
     flops["attention"] = attention
     decoder = 2 * patches * dim * num_classes
     if k["refine"]:
-        rd, pixels = k["refine_dim"], patch_size[0] * patch_size[1]
-        decoder += 2 * patches * dim * rd + 2 * pixels * 9 * (in_channels + rd) * rd + 2 * pixels * 9 * rd * num_classes
+        rd, pixels, taps = k["refine_dim"], math.prod(patch_size), 3**n  # 3x3 (3x3x3) kernels
+        decoder += 2 * patches * dim * rd + 2 * pixels * taps * ((in_channels + rd) * rd + rd * num_classes)
     flops["decoder"] = decoder
     flops["total"] = sum(flops.values())
     return flops

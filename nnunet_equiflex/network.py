@@ -16,7 +16,13 @@ import torch.nn as nn
 
 from nnunet_equiflex.attention import check_backend
 from nnunet_equiflex.decoder import LightDecoder
-from nnunet_equiflex.encoder import EquiFlexEncoder, check_positive_int
+from nnunet_equiflex.encoder import (
+    EquiFlexEncoder,
+    check_positive_int,
+    check_spatial_dims,
+    default_pos_embed_grid,
+    token_size_per_axis,
+)
 
 # DINO ViT-S/8 shape (the reference method's backbone); native position grid 28x28 (224 px).
 _VIT_S8 = dict(
@@ -67,25 +73,53 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
+# 3D presets, apart from the 2D ones above (which the 2D planner and trainers offer): volumes (B, C, D, H, W).
+PRESETS_3D: dict[str, dict[str, Any]] = {
+    # The 3D counterpart of "tiny", for tests and CPU demos: 8 flips lifted through one global block.
+    "tiny3d": dict(
+        spatial_dims=3,
+        patch_size=4,
+        embed_dim=32,
+        depth=3,
+        num_heads=2,
+        mlp_ratio=2.0,
+        qkv_bias=True,
+        norm_eps=1e-6,
+        n_lifted_blocks=1,
+        window_radius=1,
+        group="flips",
+        group_pooling="max",
+        pos_embed_grid=(4, 8, 8),
+        refine=True,
+        refine_dim=8,
+    ),
+}
+_ALL_PRESETS = {**PRESETS, **PRESETS_3D}
+_BATCH_SHAPES = {2: "(B, C, H, W)", 3: "(B, C, D, H, W)"}
+_AXIS_NAMES = {2: "H and W", 3: "D, H and W"}
+
 
 class EquiFlexFormer(nn.Module):
-    """Reflection-equivariant ViT with local attention for 2D segmentation.
+    """Reflection-equivariant ViT with local attention for 2D or 3D segmentation (one code path).
 
     Args:
         in_channels: image channels.
         num_classes: output channels (logits, background included).
-        patch_size: token size p; inputs must have H and W divisible by p.
+        patch_size: token size p, one integer or one per spatial axis (e.g. [4, 8, 8] for anisotropic
+            spacing); every spatial size of the input must be a multiple of it.
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias, norm_eps: ViT shape.
         n_lifted_blocks: blocks run on all |G| transformed copies before the pooling (0..depth).
         n_global_blocks: the first this many blocks attend globally, the rest locally, lifted or not
             (0..depth); None: the lifted blocks are the global ones.
-        window_radius: r of the (2r+1) x (2r+1) local window of the remaining blocks.
+        window_radius: r of the (2r+1)^n local window of the remaining blocks (n spatial axes).
         window_dilation: spacing of the window's tokens (1 = dense).
-        group: "none" (plain ViT), "d2" (flips) or "d4" (flips and 90-degree rotations, square inputs).
+        group: "none" (plain ViT), "flips" (the flips of every spatial axis: 4 in 2D, 8 in 3D), "d2" (the
+            same in 2D; rejected in 3D, naming "flips") or "d4" (flips and 90-degree rotations, square 2D inputs).
         group_pooling: "max" or "mean" over the group after the lifting.
         drop_path_rate: stochastic depth, linearly increasing over the blocks.
         attention_backend: "auto", "flex", "sdpa" or "window" for the local blocks.
-        pos_embed_grid: native token grid of the learned position embedding (interpolated as needed).
+        pos_embed_grid: native token grid of the learned position embedding, one size per axis (resampled
+            bicubically in 2D, trilinearly in 3D); None: [28, 28] in 2D, [8, 8, 8] in 3D.
         refine: add the equivariant full-resolution refinement after upsampling.
         refine_dim: channels of that refinement.
         num_register_tokens: extra prefix tokens after CLS without position embedding (DINOv2 with registers).
@@ -100,6 +134,8 @@ class EquiFlexFormer(nn.Module):
         alternate_dilation: local blocks alternate dense (even) and ``window_dilation``-dilated (odd) windows.
         flex_token_layout: storage order of the tokens in the flex local blocks: "auto" (4x4 tiles on CPU,
             row-major on CUDA), "row" or "tileN". The same function in every layout, only its speed differs.
+            Tiles are 2D-only: 3D grids are row-major in every layout.
+        spatial_dims: 2 for images (B, C, H, W), 3 for volumes (B, C, D, H, W). "d4" and GMR are 2D-only.
     """
 
     def __init__(
@@ -120,7 +156,7 @@ class EquiFlexFormer(nn.Module):
         group_pooling: str = "max",
         drop_path_rate: float = 0.0,
         attention_backend: str = "auto",
-        pos_embed_grid: tuple[int, int] | list[int] = (28, 28),
+        pos_embed_grid: tuple[int, ...] | list[int] | None = None,
         refine: bool = False,
         refine_dim: int = 32,
         num_register_tokens: int = 0,
@@ -133,17 +169,21 @@ class EquiFlexFormer(nn.Module):
         alternate_dilation: bool = False,
         flex_token_layout: str = "auto",
         n_global_blocks: int | None = None,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
+        check_spatial_dims(spatial_dims)
+        pos_embed_grid = default_pos_embed_grid(spatial_dims) if pos_embed_grid is None else pos_embed_grid
         arch_kwargs = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         self.arch_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in arch_kwargs.items()}
         _check_network_settings(num_classes, refine_dim)
         self.in_channels = in_channels
         self.num_classes = num_classes
-        self.patch_size = patch_size
+        self.spatial_dims = spatial_dims
+        self.patch_size = tuple(patch_size) if isinstance(patch_size, (list, tuple)) else patch_size
         self.encoder = EquiFlexEncoder(
             in_channels=in_channels,
-            patch_size=patch_size,
+            patch_size=self.patch_size,
             embed_dim=embed_dim,
             depth=depth,
             num_heads=num_heads,
@@ -168,9 +208,10 @@ class EquiFlexFormer(nn.Module):
             alternate_dilation=alternate_dilation,
             flex_token_layout=flex_token_layout,
             n_global_blocks=n_global_blocks,
+            spatial_dims=spatial_dims,
         )
         self.decoder = LightDecoder(
-            embed_dim, num_classes, patch_size, in_channels, refine=refine, refine_dim=refine_dim, group=group
+            embed_dim, num_classes, self.patch_size, in_channels, refine, refine_dim, group, spatial_dims
         )
 
     @classmethod
@@ -179,25 +220,38 @@ class EquiFlexFormer(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Reject inputs the network cannot segment, naming the fix. Shapes and dtypes only: no host-device sync."""
-        if x.ndim != 4:
-            raise ValueError(f"expected a 2D batch (B, C, H, W), got shape {tuple(x.shape)}")
+        self._check_rank(x)
         if not x.is_floating_point():
             raise TypeError(
                 f"input dtype {x.dtype} is not floating point; convert the images first (x.float(), after the "
                 "intensity normalisation: nnU-Net's preprocessing gives float32)"
             )
-        batch, channels, height, width = x.shape
+        batch, channels = x.shape[:2]
         if channels != self.in_channels:
             raise ValueError(
                 f"input has {channels} channel(s) (shape {tuple(x.shape)}), the network was built for "
                 f"in_channels={self.in_channels}; pass images with {self.in_channels} channel(s) or build the network "
                 f"with in_channels={channels}"
             )
-        if batch == 0 or height == 0 or width == 0:
+        if batch == 0 or 0 in x.shape[2:]:
+            n, token = self.spatial_dims, token_size_per_axis(self.patch_size, self.spatial_dims)
+            what, unit = ("image", "pixels") if n == 2 else ("volume", "voxels")
+            label = self.patch_size if isinstance(self.patch_size, int) else "x".join(map(str, token))
             raise ValueError(
-                f"input of shape {tuple(x.shape)} is empty; pass at least one image of at least "
-                f"{self.patch_size}x{self.patch_size} pixels (H and W multiples of the token size {self.patch_size})"
+                f"input of shape {tuple(x.shape)} is empty; pass at least one {what} of at least "
+                f"{'x'.join(map(str, token))} {unit} ({_AXIS_NAMES[n]} multiples of the token size {label})"
             )
+
+    def _check_rank(self, x: torch.Tensor) -> None:
+        n = self.spatial_dims
+        if x.ndim == n + 2:
+            return
+        other = x.ndim - 2
+        hint = f"; for {other}D inputs build the network with spatial_dims={other}" if other in _BATCH_SHAPES else ""
+        raise ValueError(
+            f"expected a {n}D batch {_BATCH_SHAPES[n]}, got shape {tuple(x.shape)}; the network was built with "
+            f"spatial_dims={n}{hint}"
+        )
 
     def set_attention_backend(self, backend: str) -> None:
         self.encoder.attention_backend = check_backend(backend)
@@ -212,10 +266,10 @@ class EquiFlexFormer(nn.Module):
 
 
 def preset_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
-    """The constructor kwargs of preset ``name`` (without channels/classes), with overrides."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    kwargs = copy.deepcopy(PRESETS[name])
+    """The constructor kwargs of preset ``name`` (2D or 3D, without channels/classes), with overrides."""
+    if name not in _ALL_PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(_ALL_PRESETS)}")
+    kwargs = copy.deepcopy(_ALL_PRESETS[name])
     kwargs.update(overrides)
     return kwargs
 
