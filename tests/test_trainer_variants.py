@@ -53,6 +53,16 @@ def test_default_trainer_follows_the_plans_and_flex_trainer_is_its_ablation():
     assert ablation.encoder.n_global_blocks == 2
 
 
+def test_pretrained_trainer_keeps_the_checkpoints_shape_over_plans_of_another_preset():
+    """DINO ViT-S/8 weights need the ViT-S/8 shape, whichever preset `nnunet-equiflex plan` wrote."""
+    manager = plans_naming("vit_ti8")
+    cls = equiflex_trainers.EquiFlexTrainerPretrained
+    net = cls.build_network_architecture(manager, manager.get_configuration("2d"), 1, 3, False)
+    enc = net.encoder
+    assert (enc.embed_dim, len(enc.blocks), enc.patch_size) == (384, 12, 8)
+    assert enc.n_lifted_blocks == preset_kwargs("vit_ti8")["n_lifted_blocks"]  # the plans' lifting
+
+
 def test_budget_trainers_need_a_valid_budget(monkeypatch):
     monkeypatch.setenv("EQUIFLEX_BUDGET", "3,20,2")
     assert baseline_trainers.budget_from_env() == (3, 20, 2)
@@ -129,3 +139,10 @@ def test_initialized_trainer_trains_with_the_documented_drop_path(toy_env, train
     rates = block_rates(instance.network)
     assert len(rates) == expected_depth
     assert rates[0] == (0.0, 0.0) and rates[-1] == pytest.approx((expected, expected))
+
+
+def test_pretrained_tiny_smoke_trainer_stays_tiny():
+    manager = plans_naming("vit_s8")
+    cls = equiflex_trainers.EquiFlexTrainerPretrainedTiny_smoke
+    net = cls.build_network_architecture(manager, manager.get_configuration("2d"), 1, 3, False)
+    assert (net.encoder.embed_dim, len(net.encoder.blocks), net.encoder.patch_size) == (64, 4, 4)

@@ -31,6 +31,8 @@ from nnunet_equiflex.planning import (
 from nnunet_equiflex.resume import choose_checkpoint
 from nnunet_equiflex.schedules import WarmupPolyLRScheduler
 
+VIT_S8_SHAPE_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "norm_eps")
+
 __all__ = [
     "EquiFlexTrainer",
     "EquiFlexTrainer_5epochs",
@@ -412,6 +414,10 @@ class EquiFlexTrainerPretrained(EquiFlexTrainer):
     ``build_network_architecture``.
     """
 
+    network_preset = "vit_s8"
+    # The checkpoint's shape wins over plans that name another preset (the lifting stays the plans'):
+    network_overrides = {k: preset_kwargs("vit_s8")[k] for k in VIT_S8_SHAPE_KEYS}
+
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 1e-4
@@ -445,6 +451,9 @@ class EquiFlexTrainerPretrained(EquiFlexTrainer):
 class EquiFlexTrainerPretrainedTiny_smoke(EquiFlexTrainerPretrained, EquiFlexTrainerTiny_smoke):
     """The tiny shape (token size 4, 64-dim, 4 blocks, 4 heads, mlp ratio 2, position grid 8x8) with
     the pretrained path and the bounded smoke schedule: tests and CPU runs with small checkpoints."""
+
+    network_preset = EquiFlexTrainerTiny_smoke.network_preset
+    network_overrides = EquiFlexTrainerTiny_smoke.network_overrides
 
 
 # Options from the neighbouring equivariant ViTs (DESIGN.md section 2), one variant each.
