@@ -447,6 +447,9 @@ def main() -> None:
         "(round-robin); train s/epoch: median epoch wall time in nnU-Net's training log (other jobs may have shared "
         "the machine then); GFLOPs/tile: one forward pass x passes (EquiFlex analytic, CNN FlopCounterMode)",
     ]
+    missing = [label for label, trainer, _ in NETWORKS if trainer not in {t for _, t, _ in settings["networks"]}]
+    if missing:
+        header.append(f"not in this run (choose them with --networks): {', '.join(missing)}")
     print(write_outputs(work / "frontier", table, header))
     print(f"outputs: {work / 'frontier'} (frontier.md, .csv, .json, .png)")
 
