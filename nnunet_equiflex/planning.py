@@ -52,15 +52,6 @@ def fit_patch_size(
     return tuple(int(math.ceil(s / t) * t) for s, t in zip(patch_size, tokens))
 
 
-def check_2d(configuration_name: str, patch_size: tuple[int, ...] | list[int]) -> None:
-    if len(patch_size) != 2:
-        raise ValueError(
-            f"EquiFlex trainers support 2D configurations only; configuration '{configuration_name}' has a "
-            f"{len(patch_size)}D patch size {tuple(patch_size)}. Train with '-c 2d' (nnU-Net's 2d configuration "
-            "slices 3D volumes itself). 3D support is a later step."
-        )
-
-
 # An axis whose spacing is at least this many times the finest one gets half the token size along it.
 ANISOTROPY_RATIO = 2.0
 

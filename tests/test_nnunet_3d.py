@@ -1,7 +1,8 @@
-"""`nnunet-equiflex plan -c 3d_fullres`: the 3D configuration next to the 2d one, from nnU-Net's fingerprint.
+"""3d_fullres through nnU-Net: `nnunet-equiflex plan -c 3d_fullres` next to the 2d configuration, the trainers
+on it, and nnU-Net's predictor (with our patch) exactly flip-consistent on volumes.
 
-The dataset here is only what planning reads (dataset.json, one image for the reader, a fingerprint), written in
-the test, so planning runs in-process in a second."""
+The dataset here is only what planning reads (dataset.json, the images for the reader, a fingerprint), written in
+the test, so planning and trainer set-up run in-process in seconds; nothing is trained."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from nnunet_equiflex import cli
 from nnunet_equiflex.planners.equiflex_planner import plan_dataset
@@ -21,13 +23,13 @@ NAME = "Dataset951_Planning3D"
 @pytest.fixture
 def dataset(tmp_path, monkeypatch):
     """A fingerprinted dataset of 8 volumes; returns a function that writes it with given spacing and shape."""
-    import nnunetv2.experiment_planning.experiment_planners.default_experiment_planner as planner_module
-    import nnunetv2.paths
-
     raw, preprocessed = tmp_path / "raw", tmp_path / "preprocessed"
-    for module in (nnunetv2.paths, planner_module):
-        monkeypatch.setattr(module, "nnUNet_raw", str(raw), raising=False)
-        monkeypatch.setattr(module, "nnUNet_preprocessed", str(preprocessed), raising=False)
+    for key, folder in (
+        ("nnUNet_raw", raw),
+        ("nnUNet_preprocessed", preprocessed),
+        ("nnUNet_results", tmp_path / "results"),
+    ):
+        monkeypatch.setenv(key, str(folder))  # nnU-Net reads its paths from the environment when used
 
     def write(spacing_zyx: tuple[float, float, float], shape_zyx: tuple[int, int, int]):
         folder = raw / NAME
@@ -123,3 +125,66 @@ def test_a_2d_preset_for_3d_fullres_is_refused_with_the_fix(dataset, capsys):
     dataset((3.0, 1.0, 1.0), (24, 96, 96))
     assert cli.main(["plan", "-d", NAME, "-c", "3d_fullres", "--preset", "tiny"]) == 2
     assert "needs a 3D one; pass a 3D preset (--preset tiny3d)" in capsys.readouterr().err
+
+
+SMALL = ((3.0, 1.0, 1.0), (16, 32, 32))  # a patch of 8x8x8 tokens of 2x4x4: a forward pass takes milliseconds
+
+
+def _trainer(trainer_name: str, plans: dict, configuration: str = "3d_fullres"):
+    from nnunet_equiflex.trainers import equiflex_trainers
+
+    dataset_json = {"labels": {"background": 0, "organ": 1}, "channel_names": {"0": "MRI"}, "file_ending": ".nii.gz"}
+    cls = getattr(equiflex_trainers, trainer_name)
+    return cls({**plans, "continue_training": False}, configuration, 0, dataset_json, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("trainer_name", ["EquiFlexTrainer", "EquiFlexTrainerTiny3D", "EquiFlexTrainerTiny3D_smoke"])
+def test_equivariant_trainers_take_the_planned_3d_configuration_with_one_pass_per_tile(dataset, trainer_name):
+    dataset(*SMALL)
+    plans = plan_dataset(NAME, configuration="3d_fullres")
+    trainer = _trainer(trainer_name, plans)
+    patch = tuple(trainer.configuration_manager.patch_size)
+    assert patch == tuple(plans["configurations"]["3d_fullres"]["patch_size"])
+    net = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 2, False)
+    assert net.spatial_dims == 3 and net.encoder.group == "flips" and len(net.encoder.elements) == 8
+    assert net.encoder.token_size == (2, 4, 4)  # the plans' anisotropic tokens, also for the tiny3d trainers
+    with torch.no_grad():
+        assert net.eval()(torch.zeros(1, 1, *patch)).shape == (1, 2, *patch)
+    mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[3]
+    assert mirror_axes is None and trainer.inference_allowed_mirroring_axes is None  # no mirroring, no 8-fold TTA
+    if trainer_name.endswith("_smoke"):
+        assert (trainer.num_epochs, trainer.num_iterations_per_epoch) == (4, 25)
+
+
+def test_flex_trainer_keeps_nnunets_3d_mirroring(dataset):
+    dataset(*SMALL)
+    trainer = _trainer("FlexTrainer", plan_dataset(NAME, configuration="3d_fullres"))
+    assert trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[3] == (0, 1, 2)
+    assert trainer.inference_allowed_mirroring_axes == (0, 1, 2)
+
+
+@pytest.mark.parametrize(
+    "trainer_name,planned,configuration,message",
+    [
+        # a 2D preset's shape over the planned 3D network
+        ("EquiFlexTrainerTiny", "3d_fullres", "3d_fullres", r"cannot build a 3D network from its settings"),
+        # nnU-Net's CNN 3d_fullres (only 2d planned for EquiFlex): the default vit_s8 preset is 2D
+        ("EquiFlexTrainer", "2d", "3d_fullres", r"builds a 2D network; configuration '3d_fullres' has a 3D patch"),
+        (
+            "EquiFlexTrainerD4",
+            "3d_fullres",
+            "3d_fullres",
+            r"cannot build a 3D network from its settings \(group 'd4' .* is 2D-only",
+        ),
+        ("EquiFlexTrainerTiny3D", "2d", "2d", r"builds a 3D network; configuration '2d' has a 2D patch"),
+    ],
+)
+def test_a_network_that_does_not_fit_the_configuration_stops_before_setup(
+    dataset, tmp_path, trainer_name, planned, configuration, message
+):
+    dataset(*SMALL)
+    plans = plan_dataset(NAME, configuration=planned, preset="tiny" if planned == "2d" else None)
+    fix = "nnunet-equiflex plan -d DATASET -c 3d_fullres" if configuration == "3d_fullres" else "2D trainer"
+    with pytest.raises(ValueError, match=f"{trainer_name} {message}.*{fix}"):
+        _trainer(trainer_name, plans, configuration)
+    assert not (tmp_path / "results").exists()  # nothing set up for a run that cannot work
