@@ -6,6 +6,7 @@ the test, so planning and trainer set-up run in-process in seconds; nothing is t
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -188,3 +189,66 @@ def test_a_network_that_does_not_fit_the_configuration_stops_before_setup(
     with pytest.raises(ValueError, match=f"{trainer_name} {message}.*{fix}"):
         _trainer(trainer_name, plans, configuration)
     assert not (tmp_path / "results").exists()  # nothing set up for a run that cannot work
+
+
+FLIP_AXES = [axes for r in (1, 2, 3) for axes in itertools.combinations((1, 2, 3), r)]  # the 7 non-identity flips
+TINY = ((3.0, 1.0, 1.0), (8, 16, 16))  # an 8x16x16 patch of 4x4x4 tokens: many tiles stay cheap on a CPU
+# Odd-sized volumes smaller than the patch (padded by an odd amount: 2 tiles per axis) and larger (2-4 tiles).
+VOLUMES = [(5, 11, 13), (11, 27, 19)]
+
+
+@pytest.fixture
+def predictor_3d(dataset):
+    """nnU-Net's own predictor, set up as nnU-Net's validation does it (manual_initialization), around a
+    random-weight tiny3d network of the planned 3d_fullres configuration."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    dataset(*TINY)
+    trainer = _trainer("EquiFlexTrainerTiny3D", plan_dataset(NAME, configuration="3d_fullres"))
+    torch.manual_seed(0)
+    net = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 2, False)
+    with torch.no_grad():
+        torch.nn.init.normal_(net.decoder.refinement.conv2.weight, std=0.2)  # its zero init would hide it
+    net.set_attention_backend("sdpa")  # the same function (tests/test_3d.py), uncompiled flex is slow on CPU
+    predictor = nnUNetPredictor(
+        tile_step_size=0.5, use_mirroring=True, perform_everything_on_device=False, device=torch.device("cpu")
+    )
+    predictor.allow_tqdm = False
+    predictor.manual_initialization(
+        net.eval(),
+        trainer.plans_manager,
+        trainer.configuration_manager,
+        None,
+        trainer.dataset_json,
+        "EquiFlexTrainerTiny3D",
+        trainer.inference_allowed_mirroring_axes,
+    )
+    return predictor
+
+
+def _flip_errors_3d(predictor, size, flips=FLIP_AXES) -> list[float]:
+    x = torch.randn(1, *size, generator=torch.Generator().manual_seed(sum(size)))
+    logits = predictor.predict_sliding_window_return_logits(x)
+    assert logits.shape == (2, *size)
+    return [
+        (predictor.predict_sliding_window_return_logits(x.flip(a)) - logits.flip(a)).abs().max().item()
+        for a in FLIP_AXES
+    ]
+
+
+@pytest.mark.parametrize("size", VOLUMES)
+def test_nnunet_predictor_is_exact_for_every_flip_of_a_volume(predictor_3d, size):
+    from nnunet_equiflex import nnunet_patch
+
+    assert tuple(predictor_3d.configuration_manager.patch_size) == (8, 16, 16)
+    assert nnunet_patch.uses_symmetric_window(predictor_3d)
+    assert max(_flip_errors_3d(predictor_3d, size)) < 1e-5  # float rounding of the network itself
+
+
+def test_nnunets_own_window_is_not_flip_exact_on_volumes(predictor_3d, monkeypatch):
+    from nnunet_equiflex import nnunet_patch
+
+    monkeypatch.setenv(nnunet_patch.SWITCH_ENV, "0")
+    assert not nnunet_patch.uses_symmetric_window(predictor_3d)
+    single_axis_flips = FLIP_AXES[:3]
+    assert max(_flip_errors_3d(predictor_3d, VOLUMES[0], single_axis_flips)) > 1e-2  # uneven padding, float16 sums
