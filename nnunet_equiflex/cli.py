@@ -62,8 +62,13 @@ def _plan(args: argparse.Namespace) -> int:
             preprocess=args.preprocess,
             num_processes=args.num_processes,
             batch_size=args.batch_size,
+            configuration=args.configuration,
         )
-    except (FileNotFoundError, FileExistsError) as error:  # missing fingerprint, different plans: the fix is said
+    except (
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+    ) as error:  # missing fingerprint, different plans: the fix is said
         print(f"nnunet-equiflex plan: error: {error}", file=sys.stderr)
         return 2
     return 0
@@ -104,7 +109,7 @@ def _main_job(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nnunet_equiflex.network import DEFAULT_PRESET, PRESETS
+    from nnunet_equiflex.network import DEFAULT_PRESET, PRESETS, PRESETS_3D
 
     parser = argparse.ArgumentParser(prog="nnunet-equiflex", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,13 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="write EquiFlex plans for a dataset (nnU-Net's -pl cannot find our planner)")
     plan.add_argument("-d", "--dataset", required=True, help="dataset id or name, as for nnUNetv2_train")
     plan.add_argument(
-        "--preset", default=DEFAULT_PRESET, choices=list(PRESETS), help=f"network preset (default {DEFAULT_PRESET})"
+        "-c",
+        "--configuration",
+        default="2d",
+        choices=("2d", "3d_fullres"),
+        help="nnU-Net configuration to plan (default 2d); the plans' other configurations are kept",
+    )
+    plan.add_argument(
+        "--preset",
+        default=None,
+        choices=[*PRESETS, *PRESETS_3D],
+        help=f"network preset (default {DEFAULT_PRESET} for 2d, tiny3d for 3d_fullres; 3D presets: "
+        f"{', '.join(PRESETS_3D)})",
     )
     plan.add_argument(
         "--group",
-        choices=("none", "d2", "d4"),
+        choices=("none", "d2", "d4", "flips"),
         default=None,
-        help="symmetry group of the planned network (d4 plans square patches; default: the preset's, d2)",
+        help="symmetry group of the planned network (d4 plans square 2D patches; flips = d2 in 2D, the 8 flips "
+        "in 3D; default: the preset's)",
     )
     plan.add_argument("--gpu-memory-gb", type=float, default=8, help="GPU memory target for the batch size")
     plan.add_argument(
@@ -142,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--plans-name", default="EquiFlexPlans", help="plans identifier (use with -p when training)")
     plan.add_argument("--overwrite", action="store_true", help="replace existing plans with different content")
-    plan.add_argument("--preprocess", action="store_true", help="run nnU-Net's 2d preprocessing if it is missing")
+    plan.add_argument(
+        "--preprocess", action="store_true", help="run nnU-Net's preprocessing of the configuration if it is missing"
+    )
     plan.add_argument("-np", "--num-processes", type=int, default=4)
     plan.set_defaults(func=_plan)
 

@@ -39,22 +39,42 @@ def network_kwargs(
     return kwargs
 
 
-def fit_patch_size(patch_size: tuple[int, ...] | list[int], token_size: int) -> tuple[int, ...]:
-    """Round each axis up to a multiple of the token size (nnU-Net pads smaller images)."""
-    return tuple(int(math.ceil(s / token_size) * token_size) for s in patch_size)
+def _per_axis(token_size: int | tuple[int, ...] | list[int], n: int) -> tuple[int, ...]:
+    return tuple(token_size) if isinstance(token_size, (list, tuple)) else (int(token_size),) * n
 
 
-def check_2d(configuration_name: str, patch_size: tuple[int, ...] | list[int]) -> None:
-    if len(patch_size) != 2:
-        raise ValueError(
-            f"EquiFlex trainers support 2D configurations only; configuration '{configuration_name}' has a "
-            f"{len(patch_size)}D patch size {tuple(patch_size)}. Train with '-c 2d' (nnU-Net's 2d configuration "
-            "slices 3D volumes itself). 3D support is a later step."
-        )
+def fit_patch_size(
+    patch_size: tuple[int, ...] | list[int], token_size: int | tuple[int, ...] | list[int]
+) -> tuple[int, ...]:
+    """Round each axis up to a multiple of its token size (one integer or one per axis; nnU-Net pads smaller
+    images)."""
+    tokens = _per_axis(token_size, len(patch_size))
+    return tuple(int(math.ceil(s / t) * t) for s, t in zip(patch_size, tokens))
+
+
+# An axis whose spacing is at least this many times the finest one gets half the token size along it.
+ANISOTROPY_RATIO = 2.0
+
+
+def token_size_for_spacing(
+    token_size: int | tuple[int, ...] | list[int], spacing: tuple[float, ...] | list[float]
+) -> int | list[int]:
+    """The planner's token size for a 3D configuration.
+
+    A preset's single token size ``t`` becomes ``t // 2`` (at least 1) along every axis whose spacing is
+    ``>= ANISOTROPY_RATIO`` times the finest spacing, so that a token covers about the same physical extent on
+    every axis (tiny3d's 4 becomes 2x4x4 on 3 mm slices of 1 mm pixels). Isotropic data keep the one integer; a
+    per-axis token size given by the preset or the user is kept as it is.
+    """
+    if isinstance(token_size, (list, tuple)):
+        return list(token_size)
+    finest = min(spacing)
+    tokens = [max(1, token_size // 2) if s >= ANISOTROPY_RATIO * finest else token_size for s in spacing]
+    return token_size if len(set(tokens)) == 1 else tokens
 
 
 def estimate_training_vram_gb(
-    patch_size: tuple[int, int], batch_size: int, in_channels: int, num_classes: int, kwargs: dict[str, Any]
+    patch_size: tuple[int, ...], batch_size: int, in_channels: int, num_classes: int, kwargs: dict[str, Any]
 ) -> float:
     """Rough peak GPU memory of one training step under mixed precision, in GB.
 
@@ -65,24 +85,27 @@ def estimate_training_vram_gb(
     ``tokens**2`` term (FlexAttention and flash/memory-efficient SDPA do not store the score
     matrix, whether the block is global or local). The full-resolution head stores a few maps per
     class and refinement channel. Parameters, gradients and AdamW state take 16 bytes per
-    parameter; 1.5 GB covers the CUDA context and allocator slack.
+    parameter; 1.5 GB covers the CUDA context and allocator slack. In 3D the same holds with tokens and
+    voxels counted over the three axes and the 8 flips of a volume as the lifted copies.
     """
-    p, d, depth = kwargs["patch_size"], kwargs["embed_dim"], kwargs["depth"]
+    d, depth = kwargs["embed_dim"], kwargs["depth"]
+    n = len(patch_size)
+    token = _per_axis(kwargs["patch_size"], n)
     n_lifted = kwargs.get("n_lifted_blocks", 0)
-    copies = len(group_elements(kwargs.get("group", "d2")))
+    copies = len(group_elements(kwargs.get("group", "d2"), n))
     mlp_hidden = int(d * kwargs.get("mlp_ratio", 4.0))
-    tokens = (patch_size[0] // p) * (patch_size[1] // p) + 1
+    tokens = math.prod(s // t for s, t in zip(patch_size, token)) + 1
     block_evals = n_lifted * copies + (depth - n_lifted)
     per_sample = 2 * (9 * d + 2 * mlp_hidden) * tokens * block_evals
-    pixels = patch_size[0] * patch_size[1]
+    pixels = math.prod(patch_size)
     head_channels = num_classes + (2 * kwargs.get("refine_dim", 32) if kwargs.get("refine") else 0)
     per_sample += 4 * pixels * (head_channels + in_channels) * 3
-    params = depth * (4 * d * d + 2 * mlp_hidden * d) + in_channels * p * p * d
+    params = depth * (4 * d * d + 2 * mlp_hidden * d) + in_channels * math.prod(token) * d
     return (batch_size * per_sample + 16 * params) / 1e9 + 1.5
 
 
 def batch_size_for_memory(
-    patch_size: tuple[int, int],
+    patch_size: tuple[int, ...],
     in_channels: int,
     num_classes: int,
     kwargs: dict[str, Any],

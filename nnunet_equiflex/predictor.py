@@ -13,6 +13,8 @@ float16 in tile order, which mirroring reverses. The window here changes exactly
 - uses a Gaussian centred at ``(size - 1) / 2``;
 - accumulates in float32.
 
+Every step works per spatial axis, so the same functions serve 2D patches (also on the slices of a 3D
+array, nnU-Net's 2d configuration) and 3D patches (3d_fullres, 8 flips of a volume): tests/test_nnunet_3d.py.
 Everything else (preprocessing, export, multiprocessing, folds, TTA) is nnU-Net's own. The window is
 three functions that stand in for nnUNetPredictor's methods of the same names; ``EquiFlexPredictor``
 always uses them, and ``nnunet_equiflex.nnunet_patch`` makes nnU-Net's own predictor use them for our

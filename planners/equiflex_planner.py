@@ -2,17 +2,20 @@
 
 nnU-Net's ``-pl`` only finds planners inside nnunetv2, so this one runs through
 ``nnunet-equiflex plan -d DATASET`` (or the Python API). It keeps everything nnU-Net decides
-about the data (spacing, normalisation, transpose, resampling), so the 2d configuration reuses
-nnU-Net's preprocessed ``nnUNetPlans_2d`` folder, and changes what is about the network:
+about the data (spacing, normalisation, transpose, resampling), so the planned configuration (``2d``
+or ``3d_fullres``) reuses nnU-Net's preprocessed ``nnUNetPlans_2d`` / ``nnUNetPlans_3d_fullres``
+folder, and changes what is about the network:
 
-- patch size: nnU-Net's, rounded up to a multiple of the token size; square, of about the
-  same area, when the network uses group ``d4`` (see ``square_patch_size``);
+- patch size: nnU-Net's, rounded up to a multiple of the token size per axis; square, of about the
+  same area, when the network uses group ``d4`` (see ``square_patch_size``); in 3D the token is
+  halved along axes of coarse spacing (``token_size_for_spacing``);
 - batch size: from a ViT memory model (tokens, embed dim, depth, lifted copies) for the GPU
   memory target, not from the CNN's; capped like nnU-Net's so a batch covers at most 5% of
   the dataset;
 - architecture: ``nnunet_equiflex.network.EquiFlexFormer`` with its JSON kwargs.
 
-3D configurations keep nnU-Net's CNN plans untouched (EquiFlex trainers are 2D only).
+The configurations not planned keep nnU-Net's CNN plans (or, in an existing plans file, what was
+planned there before).
 """
 
 from __future__ import annotations
@@ -24,9 +27,17 @@ import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
 from nnunet_equiflex.network import DEFAULT_PRESET, preset_kwargs
-from nnunet_equiflex.planning import NETWORK_CLASS_NAME, batch_size_for_memory, fit_patch_size
+from nnunet_equiflex.planning import (
+    NETWORK_CLASS_NAME,
+    batch_size_for_memory,
+    describes_equiflex,
+    fit_patch_size,
+    token_size_for_spacing,
+)
 
 DEFAULT_PLANS_NAME = "EquiFlexPlans"
+PLANNABLE_CONFIGURATIONS = ("2d", "3d_fullres")
+DEFAULT_PRESET_3D = "tiny3d"
 
 
 def square_patch_size(patch_size: tuple[int, ...] | list[int], token_size: int) -> tuple[int, int]:
@@ -53,6 +64,7 @@ class EquiFlexPlanner(ExperimentPlanner):
         network_overrides: dict[str, Any] | None = None,
         reuse_data_of_plans: str = "nnUNetPlans",
         batch_size: int | None = None,
+        configuration: str = "2d",
     ):
         super().__init__(
             dataset_name_or_id,
@@ -62,29 +74,48 @@ class EquiFlexPlanner(ExperimentPlanner):
             overwrite_target_spacing,
             suppress_transpose,
         )
+        if configuration not in PLANNABLE_CONFIGURATIONS:
+            raise ValueError(
+                f"configuration {configuration!r} cannot be planned for EquiFlex; choose one of "
+                f"{', '.join(PLANNABLE_CONFIGURATIONS)}"
+            )
+        self.configuration = configuration
         self.network_kwargs = preset_kwargs(preset, **(network_overrides or {}))
+        dims, needed = self.network_kwargs.get("spatial_dims", 2), 3 if configuration == "3d_fullres" else 2
+        if dims != needed:
+            fix = "a 3D preset (--preset tiny3d)" if needed == 3 else "a 2D preset (e.g. --preset tiny)"
+            raise ValueError(
+                f"preset {preset!r} builds a {dims}D network, configuration {configuration!r} needs a {needed}D one; "
+                f"pass {fix}"
+            )
         self.reuse_data_of_plans = reuse_data_of_plans
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.fixed_batch_size = batch_size
 
     def generate_data_identifier(self, configuration_name: str) -> str:
-        # Preprocessing is nnU-Net's default, so its preprocessed 2d data serve as they are.
-        if configuration_name == "2d" and self.reuse_data_of_plans:
-            return f"{self.reuse_data_of_plans}_2d"
+        # Preprocessing is nnU-Net's default, so its preprocessed data of the planned configuration serve as they
+        # are (the 2d one always: plans of a 3D run keep pointing 2d at nnU-Net's 2d data, as a 2d run does).
+        if configuration_name in ("2d", self.configuration) and self.reuse_data_of_plans:
+            return f"{self.reuse_data_of_plans}_{configuration_name}"
         return super().generate_data_identifier(configuration_name)
 
     def get_plans_for_configuration(self, spacing, median_shape, data_identifier, approximate_n_voxels_dataset, _cache):
         plan = super().get_plans_for_configuration(
             spacing, median_shape, data_identifier, approximate_n_voxels_dataset, _cache
         )
-        if len(spacing) != 2:
+        planned = self.configuration == "2d" and len(spacing) == 2
+        planned |= self.configuration == "3d_fullres" and data_identifier == self.generate_data_identifier("3d_fullres")
+        if not planned:
             return plan
         num_channels = len(self.dataset_json["channel_names"])
         num_classes = len(self.dataset_json["labels"])
-        patch_size = fit_patch_size(plan["patch_size"], self.network_kwargs["patch_size"])
-        if self.network_kwargs.get("group") == "d4":
-            patch_size = square_patch_size(patch_size, self.network_kwargs["patch_size"])
+        kwargs = dict(self.network_kwargs)
+        if len(spacing) == 3:
+            kwargs["patch_size"] = token_size_for_spacing(kwargs["patch_size"], [float(s) for s in spacing])
+        patch_size = fit_patch_size(plan["patch_size"], kwargs["patch_size"])
+        if kwargs.get("group") == "d4":
+            patch_size = square_patch_size(patch_size, kwargs["patch_size"])
         max_batch = round(
             approximate_n_voxels_dataset * self.max_dataset_covered / np.prod(patch_size, dtype=np.float64)
         )
@@ -93,14 +124,14 @@ class EquiFlexPlanner(ExperimentPlanner):
             patch_size,
             num_channels,
             num_classes,
-            self.network_kwargs,
+            kwargs,
             self.UNet_vram_target_GB,
             max_batch_size=max(max_batch, self.UNet_min_batch_size),
             min_batch_size=self.UNet_min_batch_size,
         )
         plan["architecture"] = {
             "network_class_name": NETWORK_CLASS_NAME,
-            "arch_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in self.network_kwargs.items()},
+            "arch_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()},
             "_kw_requires_import": [],
         }
         return plan
@@ -112,7 +143,7 @@ class EquiFlexPlanner(ExperimentPlanner):
 
 def plan_dataset(
     dataset: str | int,
-    preset: str = DEFAULT_PRESET,
+    preset: str | None = None,
     gpu_memory_target_in_gb: float = 8,
     plans_name: str = DEFAULT_PLANS_NAME,
     network_overrides: dict[str, Any] | None = None,
@@ -120,13 +151,18 @@ def plan_dataset(
     preprocess: bool = False,
     num_processes: int = 4,
     batch_size: int | None = None,
+    configuration: str = "2d",
 ) -> dict:
-    """Plan ``dataset`` for EquiFlex and write ``<plans_name>.json`` next to nnU-Net's plans.
+    """Plan ``configuration`` (``2d`` or ``3d_fullres``) of ``dataset`` for EquiFlex and write
+    ``<plans_name>.json`` next to nnU-Net's plans.
 
     Needs nnU-Net's fingerprint (``nnUNetv2_plan_and_preprocess -d D -c 2d`` or
-    ``nnUNetv2_extract_fingerprint -d D``). Existing plans with different content are only
-    replaced with ``overwrite``; the file is written atomically. ``batch_size`` replaces the memory
-    model's choice (for example nnU-Net's CNN batch, to compare networks at the same batch).
+    ``nnUNetv2_extract_fingerprint -d D``). The other configurations of an existing plans file are kept
+    as they are, so 2d and 3d_fullres can be planned one after the other into the same plans. Existing
+    plans with different content are only replaced with ``overwrite`` (planning an EquiFlex configuration
+    where the file has nnU-Net's CNN one needs no ``overwrite``); the file is written atomically.
+    ``batch_size`` replaces the memory model's choice (for example nnU-Net's CNN batch, to compare
+    networks at the same batch). ``preset`` defaults to ``vit_s8`` for 2d and ``tiny3d`` for 3d_fullres.
     """
     import json
     import os
@@ -144,9 +180,11 @@ def plan_dataset(
     folder = Path(nnUNet_preprocessed) / name
     if not (folder / "dataset_fingerprint.json").is_file():
         raise FileNotFoundError(
-            f"no dataset fingerprint in {folder}; run `nnUNetv2_plan_and_preprocess -d {dataset} -c 2d` "
+            f"no dataset fingerprint in {folder}; run `nnUNetv2_plan_and_preprocess -d {dataset} -c {configuration}` "
             f"(or `nnUNetv2_extract_fingerprint -d {dataset}`) first"
         )
+    if preset is None:
+        preset = DEFAULT_PRESET_3D if configuration == "3d_fullres" else DEFAULT_PRESET
     planner = EquiFlexPlanner(
         name,
         gpu_memory_target_in_gb,
@@ -154,16 +192,33 @@ def plan_dataset(
         preset=preset,
         network_overrides=network_overrides,
         batch_size=batch_size,
+        configuration=configuration,
     )
     plans = planner.plan_experiment()
+    if configuration not in plans["configurations"]:
+        raise FileNotFoundError(
+            f"nnU-Net's plans for {name} have no {configuration} configuration (nnU-Net plans 3d_fullres only for "
+            f"3D images, more than one slice deep); for 3D images run `nnUNetv2_plan_and_preprocess -d {dataset} "
+            f"-c {configuration}` first, for 2D images plan and train '-c 2d'"
+        )
     recursive_fix_for_json_export(plans)
     plans = json.loads(json.dumps(plans))
     plans_file = folder / f"{plans_name}.json"
     if plans_file.is_file():
         old = json.loads(plans_file.read_text())
-        for cfg, value in old.get("configurations", {}).items():  # keep custom configurations, as nnU-Net does
-            plans["configurations"].setdefault(cfg, value)
-        if old != plans and not overwrite:
+        old_configurations = old.get("configurations", {})
+        for cfg, value in old_configurations.items():  # keep what was planned before, and custom configurations
+            if cfg != configuration:
+                plans["configurations"][cfg] = value
+        replaced = old_configurations.get(configuration)
+        compared = old
+        if replaced is not None and not describes_equiflex(replaced.get("architecture")):
+            # nnU-Net's CNN configuration gives way to ours without --overwrite
+            compared = {
+                **old,
+                "configurations": {**old_configurations, configuration: plans["configurations"][configuration]},
+            }
+        if compared != plans and not overwrite:
             raise FileExistsError(
                 f"{plans_file} exists with different content; pass --overwrite to replace it (results trained "
                 "with the old plans keep their own copy in their results folder)"
@@ -171,19 +226,25 @@ def plan_dataset(
     tmp = plans_file.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(plans, indent=4))
     os.replace(tmp, plans_file)
-    cfg = plans["configurations"]["2d"]
+    cfg = plans["configurations"][configuration]
+    token = cfg["architecture"]["arch_kwargs"]["patch_size"]
     print(f"EquiFlex plans written to {plans_file}")
-    print(f"  2d: patch size {cfg['patch_size']}, batch size {cfg['batch_size']}, data {cfg['data_identifier']}")
+    print(
+        f"  {configuration}: patch size {cfg['patch_size']}, batch size {cfg['batch_size']}, data "
+        f"{cfg['data_identifier']}" + (f", token size {token}" if configuration != "2d" else "")
+    )
 
     data_folder = folder / cfg["data_identifier"]
     if not data_folder.is_dir() or not any(data_folder.iterdir()):
         if preprocess:
             from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess as nnunet_preprocess
 
-            nnunet_preprocess([int(name[7:10])], plans_name, configurations=("2d",), num_processes=(num_processes,))
+            nnunet_preprocess(
+                [int(name[7:10])], plans_name, configurations=(configuration,), num_processes=(num_processes,)
+            )
         else:
             print(
                 f"  preprocessed data {data_folder} is missing: run `nnUNetv2_preprocess -d {dataset} -plans_name "
-                f"{plans_name} -c 2d` or add --preprocess"
+                f"{plans_name} -c {configuration}` or add --preprocess"
             )
     return plans

@@ -245,7 +245,10 @@ def test_3d_configuration_fails_fast_with_the_message(in_process_env):
     cfg["patch_size"] = [16, 48, 48]
     plans["configurations"]["3d_fullres"] = cfg
     plans["continue_training"] = False
-    with pytest.raises(ValueError, match="support 2D configurations only.*'3d_fullres'.*Train with '-c 2d'"):
+    with pytest.raises(
+        ValueError,
+        match="EquiFlexTrainerTiny_smoke builds a 2D network; configuration '3d_fullres'.*-c 3d_fullres.*train '-c 2d'",
+    ):
         EquiFlexTrainerTiny_smoke(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
     assert not (
         in_process_env["root"]

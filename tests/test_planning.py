@@ -28,3 +28,19 @@ def test_lifted_copies_and_width_order_the_batch_sizes():
 def test_every_preset_gets_a_batch_within_the_bounds(preset):
     b = batch_size_for_memory((160, 160), 1, 3, preset_kwargs(preset), 8.0, max_batch_size=40, min_batch_size=2)
     assert 2 <= b <= 40
+
+
+def test_memory_model_in_3d_counts_tokens_over_three_axes_and_8_lifted_copies():
+    kwargs = preset_kwargs("tiny3d", patch_size=[2, 4, 4])
+    one, two = (estimate_training_vram_gb((24, 96, 96), b, 1, 3, kwargs) for b in (1, 2))
+    tokens, d, hidden = 12 * 24 * 24 + 1, 32, 64
+    block_evals = 1 * 8 + 2  # one block on the 8 flips of the volume, two after the pooling
+    per_sample_blocks = 2 * (9 * d + 2 * hidden) * tokens * block_evals
+    head = 4 * 24 * 96 * 96 * (3 + 2 * 8 + 1) * 3
+    assert (two - one) * 1e9 == pytest.approx(per_sample_blocks + head)
+
+
+def test_3d_batch_grows_with_the_memory_target():
+    kwargs = preset_kwargs("tiny3d", patch_size=[2, 4, 4])
+    small, large = (batch_size_for_memory((48, 160, 160), 1, 3, kwargs, gb, max_batch_size=64) for gb in (4, 40))
+    assert 2 <= small < large <= 64

@@ -23,7 +23,6 @@ from nnunet_equiflex.fault_injection import checkpoint_stream
 from nnunet_equiflex.network import DEFAULT_PRESET, EquiFlexFormer, preset_kwargs, unwrap_network
 from nnunet_equiflex.optim import vit_param_groups
 from nnunet_equiflex.planning import (
-    check_2d,
     fit_patch_size,
     lateralised_label_warning,
     network_kwargs,
@@ -53,6 +52,8 @@ __all__ = [
     "FlexTrainerTinyNoMirroring",
     "EquiFlexTrainerTiny_smoke",
     "FlexTrainerTiny_smoke",
+    "EquiFlexTrainerTiny3D",
+    "EquiFlexTrainerTiny3D_smoke",
     "EquiFlexTrainerPretrained",
     "EquiFlexTrainerPretrainedTiny_smoke",
     "EquiFlexTrainerD4",
@@ -62,6 +63,7 @@ __all__ = [
     "EquiFlexTrainerGMRTiny_smoke",
     "EquiFlexTrainerDilatedTiny_smoke",
     "check_patch_fits_group",
+    "check_network_fits_configuration",
     "PRETRAINED_ENV",
     "pretrained_checkpoint_from_env",
 ]
@@ -99,8 +101,10 @@ class EquiFlexTrainer(nnUNetTrainer):
     supervision, mixed precision on CUDA (bf16 where supported).
 
     Test-time mirroring is off by default: the network is exactly mirror-equivariant,
-    ``f(flip(x)) = flip(f(x))``, so nnU-Net's 4 mirrored passes per tile would average 4 copies
-    of the same prediction. One pass per tile gives the same result at a quarter of the cost.
+    ``f(flip(x)) = flip(f(x))``, so nnU-Net's 4 mirrored passes per tile (8 in 3D) would average
+    copies of the same prediction. One pass per tile gives the same result at a fraction of the cost.
+    3D configurations (``3d_fullres``) work when the configuration's network is 3D: plans written by
+    ``nnunet-equiflex plan -c 3d_fullres``, or a 3D trainer such as ``EquiFlexTrainerTiny3D``.
     Mirroring augmentation in training is off for the same reason: DC and CE losses of a
     mirrored sample equal those of the original for an equivariant network.
     """
@@ -341,6 +345,27 @@ class FlexTrainerTiny_smoke(EquiFlexTrainerTiny_smoke):
     network_overrides = {**EquiFlexTrainerTiny.network_overrides, "group": "none"}
 
 
+class EquiFlexTrainerTiny3D(EquiFlexTrainerTiny):
+    """The tiny3d preset (32-dim, 3 blocks, the 8 flips of a volume) for 3d_fullres: CPU runs, demos and tests.
+
+    Its shape wins over the plans' network, except the token size: the planner makes it anisotropic where the
+    spacing is (e.g. 2x4x4), and a token the plans chose fits their patch size."""
+
+    network_preset = "tiny3d"
+    network_overrides = {k: v for k, v in preset_kwargs("tiny3d").items() if k != "patch_size"}
+
+
+class EquiFlexTrainerTiny3D_smoke(EquiFlexTrainerTiny3D):
+    """A bounded CPU run (4 epochs x 25 iterations), as EquiFlexTrainerTiny_smoke, in 3D."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 4
+        self.num_iterations_per_epoch = 25
+        self.num_val_iterations_per_epoch = 5
+        self.warmup_epochs = 0
+
+
 PRETRAINED_ENV = "EQUIFLEX_PRETRAINED"
 
 
@@ -459,12 +484,44 @@ class EquiFlexTrainerPretrainedTiny_smoke(EquiFlexTrainerPretrained, EquiFlexTra
 # Options from the neighbouring equivariant ViTs (DESIGN.md section 2), one variant each.
 
 
+def check_network_fits_configuration(
+    trainer_cls: type, configuration: str, patch_size: tuple[int, ...] | list[int], kwargs: dict[str, Any]
+) -> None:
+    """Reject a configuration whose patch has another number of axes than the trainer's network, or whose 3D
+    network cannot be built (a 2D preset's settings over 3D plans), naming the fix."""
+    n, dims = len(patch_size), kwargs.get("spatial_dims", 2)
+    problem = None
+    if n != dims:
+        problem = f"builds a {dims}D network"
+    elif n == 3:
+        try:
+            with torch.device("meta"):  # the settings' checks only: no memory, no initialisation
+                EquiFlexFormer(in_channels=1, num_classes=2, **kwargs)
+        except ValueError as error:
+            problem = f"cannot build a 3D network from its settings ({error})"
+    if problem is None:
+        return
+    if n == 3:
+        fix = (
+            "For 3D, plan an EquiFlex 3d_fullres configuration (`nnunet-equiflex plan -d DATASET -c 3d_fullres`) "
+            "and train it with -p EquiFlexPlans and EquiFlexTrainer (the plans' network), FlexTrainer or "
+            "EquiFlexTrainerTiny3D; or train '-c 2d' (nnU-Net's 2d configuration slices 3D volumes itself)."
+        )
+    else:
+        fix = "Train it with a 2D trainer (EquiFlexTrainer, EquiFlexTrainerTiny) or train '-c 3d_fullres'."
+    raise ValueError(
+        f"{trainer_cls.__name__} {problem}; configuration '{configuration}' has a {n}D patch size "
+        f"{tuple(patch_size)}. {fix}"
+    )
+
+
 def check_patch_fits_group(trainer_cls: type, plans: dict, configuration: str) -> None:
-    """Reject, before nnU-Net sets anything up, a configuration that is not 2D, and a rectangular patch
-    for a D4 network (90-degree rotations map only squares onto themselves)."""
+    """Reject, before nnU-Net sets anything up, a configuration the trainer's network does not fit (see
+    ``check_network_fits_configuration``), and a rectangular patch for a D4 network (90-degree rotations map
+    only squares onto themselves)."""
     configuration_manager = PlansManager(plans).get_configuration(configuration)
-    check_2d(configuration, configuration_manager.patch_size)
     kwargs = _configured_kwargs(trainer_cls, configuration_manager)
+    check_network_fits_configuration(trainer_cls, configuration, configuration_manager.patch_size, kwargs)
     if kwargs.get("group") != "d4":
         return
     patch = fit_patch_size(configuration_manager.patch_size, kwargs["patch_size"])
