@@ -330,15 +330,20 @@ class FlexTrainerTinyNoMirroring(FlexTrainerTiny):
     mirroring = False
 
 
+def _use_smoke_schedule(trainer: EquiFlexTrainer) -> None:
+    """The bounded CPU run of the smoke trainers: 4 epochs x 25 iterations, 5 validation iterations, no warmup."""
+    trainer.num_epochs = 4
+    trainer.num_iterations_per_epoch = 25
+    trainer.num_val_iterations_per_epoch = 5
+    trainer.warmup_epochs = 0
+
+
 class EquiFlexTrainerTiny_smoke(EquiFlexTrainerTiny):
     """A bounded CPU run (4 epochs x 25 iterations) for smoke tests and CI."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 4
-        self.num_iterations_per_epoch = 25
-        self.num_val_iterations_per_epoch = 5
-        self.warmup_epochs = 0
+        _use_smoke_schedule(self)
 
 
 class FlexTrainerTiny_smoke(EquiFlexTrainerTiny_smoke):
@@ -360,10 +365,7 @@ class EquiFlexTrainerTiny3D_smoke(EquiFlexTrainerTiny3D):
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 4
-        self.num_iterations_per_epoch = 25
-        self.num_val_iterations_per_epoch = 5
-        self.warmup_epochs = 0
+        _use_smoke_schedule(self)
 
 
 PRETRAINED_ENV = "EQUIFLEX_PRETRAINED"
