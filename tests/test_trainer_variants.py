@@ -146,3 +146,16 @@ def test_pretrained_tiny_smoke_trainer_stays_tiny():
     cls = equiflex_trainers.EquiFlexTrainerPretrainedTiny_smoke
     net = cls.build_network_architecture(manager, manager.get_configuration("2d"), 1, 3, False)
     assert (net.encoder.embed_dim, len(net.encoder.blocks), net.encoder.patch_size) == (64, 4, 4)
+
+
+def test_budget_trainers_checkpoint_every_epoch_so_a_killed_benchmark_resumes(monkeypatch):
+    """nnU-Net writes checkpoint_latest every 50 epochs; a 12-epoch benchmark killed at epoch 10 would start over."""
+
+    class Base:
+        def __init__(self, plans, configuration, fold, dataset_json, device):
+            self.save_every = 50
+
+    monkeypatch.setenv("EQUIFLEX_BUDGET", "12,50,5")
+    trainer = baseline_trainers.budget_variant(Base)(None, "2d", 0, None, torch.device("cpu"))
+    assert trainer.save_every == 1
+    assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch) == (12, 50, 5)

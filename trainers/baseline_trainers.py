@@ -101,6 +101,7 @@ def budget_variant(base: type) -> type:
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         base.__init__(self, plans, configuration, fold, dataset_json, device)
         _set_budget(self, budget_from_env())
+        self.save_every = 1  # a benchmark's training of hours resumes from the last epoch (`--c`), not from epoch 0
 
     doc = f"{base.__name__} with the training budget of ${BUDGET_ENV} (EPOCHS,ITERATIONS,VALIDATION_ITERATIONS)."
     return type(f"{base.__name__}_budget", (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
