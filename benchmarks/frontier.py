@@ -309,6 +309,11 @@ def dice_rows(work: Path) -> dict[tuple[str, bool], dict]:
     return by_key
 
 
+def cnn_tta_row(table: list[dict]) -> dict:
+    """The CNN with mirroring TTA: every ratio's baseline."""
+    return next(r for r in table if r["trainer"] == "nnUNetTrainer" and r["use_mirroring"])
+
+
 def build_table(work: Path, settings: dict, env: dict, info: dict) -> list[dict]:
     dice = dice_rows(work)
     results = Path(env["nnUNet_results"]) / DATASET_NAME
@@ -318,7 +323,7 @@ def build_table(work: Path, settings: dict, env: dict, info: dict) -> list[dict]
         epoch_s = training_log_seconds_per_epoch(results / meta["spec"])
         table.append(dict(row=row, **meta, dice_per_class=scores["dice_per_class"], dice_mean=scores["dice_mean"],
                           flip_consistency=scores["flip_consistency"], train_s_per_epoch_log=epoch_s))  # fmt: skip
-    baseline = next(r for r in table if r["trainer"] == "nnUNetTrainer" and r["use_mirroring"])
+    baseline = cnn_tta_row(table)
     for r in table:
         r["speedup_vs_cnn_tta"] = baseline["seconds_per_case"] / r["seconds_per_case"]
         r["dice_vs_cnn_tta_points"] = 100 * (r["dice_mean"] - baseline["dice_mean"])
@@ -327,26 +332,26 @@ def build_table(work: Path, settings: dict, env: dict, info: dict) -> list[dict]
 
 def choose_default(table: list[dict]) -> dict | None:
     """The fastest EquiFlex preset (one pass) whose mean Dice is within 1 point of the CNN with TTA."""
-    baseline = next(r for r in table if r["trainer"] == "nnUNetTrainer" and r["use_mirroring"])
+    baseline = cnn_tta_row(table)
     eligible = [
         r for r in table if r["trainer"] in PRESET_OF_TRAINER and r["dice_mean"] >= baseline["dice_mean"] - 0.01
     ]
     return min(eligible, key=lambda r: r["seconds_per_case"]) if eligible else None
 
 
-def closest_preset(table: list[dict]) -> dict:
+def closest_preset(table: list[dict]) -> dict | None:
     """Where no preset qualifies: the EquiFlex preset with the highest mean Dice (the faster one on a tie)."""
     presets = [r for r in table if r["trainer"] in PRESET_OF_TRAINER]
-    return min(presets, key=lambda r: (-round(r["dice_mean"], 4), r["seconds_per_case"]))
+    return min(presets, key=lambda r: (-round(r["dice_mean"], 4), r["seconds_per_case"]), default=None)
 
 
 def rule_line(table: list[dict]) -> str:
     rule = "default rule (fastest EquiFlex preset within 1 point of the CNN with TTA): "
     chosen = choose_default(table)
     if chosen is None:
-        if not any(r["trainer"] in PRESET_OF_TRAINER for r in table):
-            return rule + "no EquiFlex preset in this run"
         chosen = closest_preset(table)
+        if chosen is None:
+            return rule + "no EquiFlex preset in this run"
         rule += "no preset qualifies; fallback (highest mean Dice): "
     return rule + (
         f"{chosen['trainer']} ({PRESET_OF_TRAINER[chosen['trainer']]}), {chosen['speedup_vs_cnn_tta']:.2f}x faster "
@@ -382,7 +387,7 @@ def chart(path: Path, table: list[dict]) -> None:
         ax.scatter(r["seconds_per_case"], r["dice_mean"], marker=marker, s=50)
         ax.annotate(r["row"], (r["seconds_per_case"], r["dice_mean"]), fontsize=7, xytext=(4, 3),
                     textcoords="offset points")  # fmt: skip
-    baseline = next(r for r in table if r["trainer"] == "nnUNetTrainer" and r["use_mirroring"])
+    baseline = cnn_tta_row(table)
     ax.axhline(baseline["dice_mean"] - 0.01, color="grey", linestyle=":", linewidth=1)
     ax.text(ax.get_xlim()[0], baseline["dice_mean"] - 0.01, " CNN+TTA - 1 point", fontsize=7, va="bottom")
     ax.set_xscale("log")

@@ -20,6 +20,7 @@ from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoM
 )
 
 from nnunet_equiflex.trainers.equiflex_trainers import (
+    SMOKE_BUDGET,
     EquiFlexTrainerFlip0,
     EquiFlexTrainerFlip2,
     EquiFlexTrainerFlip4,
@@ -53,7 +54,6 @@ __all__ = [
 ]
 
 # (epochs, training iterations per epoch, validation iterations per epoch)
-SMOKE_BUDGET = (4, 25, 5)  # the budget of EquiFlexTrainerTiny_smoke
 DEMO_BUDGET = (5, 40, 5)  # the main job's default: twice the smoke iterations, ~5 min per network on 2 CPU cores
 
 

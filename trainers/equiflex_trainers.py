@@ -330,11 +330,13 @@ class FlexTrainerTinyNoMirroring(FlexTrainerTiny):
     mirroring = False
 
 
+# (epochs, training iterations per epoch, validation iterations per epoch) of the smoke trainers
+SMOKE_BUDGET = (4, 25, 5)
+
+
 def _use_smoke_schedule(trainer: EquiFlexTrainer) -> None:
-    """The bounded CPU run of the smoke trainers: 4 epochs x 25 iterations, 5 validation iterations, no warmup."""
-    trainer.num_epochs = 4
-    trainer.num_iterations_per_epoch = 25
-    trainer.num_val_iterations_per_epoch = 5
+    """The bounded CPU run of the smoke trainers: SMOKE_BUDGET, no warmup."""
+    trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = SMOKE_BUDGET
     trainer.warmup_epochs = 0
 
 
