@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from frontier_records import data_digest, load_records, make_record, untrained_model_dir, write_record
 
 from nnunet_equiflex.main_job import TRAINING_PROGRESS, Steps, job_env, run_logged
 
@@ -87,6 +88,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--train-only", action="store_true", help="stop after training (time later, on an idle machine)"
     )
+    parser.add_argument(
+        "--records",
+        help="folder of per-network records (Dice on the test slices, from earlier runs, maybe other machines): "
+        "networks recorded there are not retrained, networks trained here are recorded there",
+    )
+    parser.add_argument(
+        "--record-only", action="store_true", help="stop after training, compare and writing the records"
+    )
     parser.add_argument("--device", default="cpu")
     return parser.parse_args()
 
@@ -104,9 +113,13 @@ def run_settings(args: argparse.Namespace) -> dict:
         raise SystemExit(f"unknown trainers {unknown}; choose from {[t for _, t, _ in NETWORKS]}")
     settings["networks"] = [n for n in NETWORKS if n[1] in names]  # the table's order
     settings["training_order"] = list(names)
-    if not settings["networks"] or settings["networks"][0][1] != "nnUNetTrainer":
-        raise SystemExit("the networks must include nnUNetTrainer: the CNN is every ratio's baseline")
     return settings
+
+
+def require_cnn(networks: list[tuple[str, str, str]]) -> None:
+    if not networks or networks[0][1] != "nnUNetTrainer":
+        raise SystemExit("the networks must include nnUNetTrainer (trained here or recorded): the CNN is every "
+                         "ratio's baseline")  # fmt: skip
 
 
 def spec(trainer: str, plans: str) -> str:
@@ -117,7 +130,7 @@ def spec(trainer: str, plans: str) -> str:
 # steps 1-4: nnU-Net's commands
 
 
-def prepare_and_train(work: Path, settings: dict, env: dict, steps: Steps, device: str) -> None:
+def prepare(work: Path, settings: dict, env: dict, steps: Steps) -> None:
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     dataset = str(DATASET_ID)
@@ -147,9 +160,13 @@ def prepare_and_train(work: Path, settings: dict, env: dict, steps: Steps, devic
             ["nnunet-equiflex", "plan", "-d", dataset, "--batch-size", cnn_batch, "--overwrite"], env, logs / "plan.txt"
         ),
     )
+
+
+def train(work: Path, settings: dict, env: dict, steps: Steps, device: str, trainers: list[str]) -> None:
+    dataset, logs = str(DATASET_ID), work / "logs"
     results = Path(env["nnUNet_results"]) / DATASET_NAME
-    plans_of = {t: p for _, t, p in settings["networks"]}
-    for trainer in settings["training_order"]:
+    plans_of = {t: p for _, t, p in NETWORKS}
+    for trainer in trainers:
         plans = plans_of[trainer]
         fold_dir = results / spec(trainer, plans) / "fold_0"
 
@@ -167,9 +184,10 @@ def load_plans(env: dict, plans: str) -> dict:
     return json.loads((Path(env["nnUNet_preprocessed"]) / DATASET_NAME / f"{plans}.json").read_text())
 
 
-def evaluate(work: Path, settings: dict, env: dict, steps: Steps, device: str) -> None:
+def evaluate(work: Path, env: dict, steps: Steps, device: str, networks: list[tuple[str, str, str]]) -> None:
+    """``compare`` of the networks trained in this folder on the test slices (``work/compare``)."""
     raw = Path(env["nnUNet_raw"]) / DATASET_NAME
-    specs = [spec(t, p) for _, t, p in settings["networks"]]
+    specs = [spec(t, p) for _, t, p in networks]
 
     def compare_step() -> None:
         args = ["nnunet-equiflex", "compare", "-d", str(DATASET_ID), "-r", *specs, "-f", "0"]
@@ -177,8 +195,20 @@ def evaluate(work: Path, settings: dict, env: dict, steps: Steps, device: str) -
         args += ["--overwrite", "--device", device]
         run_logged(args, env, work / "logs" / "compare.txt", show=lambda line: not line.startswith("|"))
 
-    subset = "" if len(specs) == len(NETWORKS) else "_" + "_".join(t for _, t, _ in settings["networks"])
+    subset = "" if len(specs) == len(NETWORKS) else "_" + "_".join(t for _, t, _ in networks)
     steps.run(f"compare{subset}", compare_step)
+
+
+def record_trained(work: Path, env: dict, saved: dict, digest: str, folder: Path, networks) -> None:
+    """One record per network trained here: its compare rows and the epoch time of its training log."""
+    rows = json.loads((work / "compare" / "results.json").read_text())["rows"]
+    results = Path(env["nnUNet_results"]) / DATASET_NAME
+    for _, trainer, plans in networks:
+        name = spec(trainer, plans)
+        own = [r for r in rows if r["spec"] == name]
+        epoch_s = training_log_seconds_per_epoch(results / name)
+        path = write_record(folder, make_record(saved, digest, trainer, name, own, epoch_s))
+        print(f"record: {path}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -246,16 +276,16 @@ def measure_round_robin(calls: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def timing(settings: dict, env: dict, device: torch.device) -> dict:
-    """s/case through the predictor (CNN and group-none rows also with TTA) and the training step, per row."""
+def timing(settings: dict, env: dict, device: torch.device, model_dirs: dict[str, Path]) -> dict:
+    """s/case through the predictor (CNN and group-none rows also with TTA) and the training step, per row;
+    ``model_dirs``: each network's model folder (trained here, or an untrained copy of a recorded one)."""
     from nnunet_equiflex.compare import count_flops
 
     raw = Path(env["nnUNet_raw"]) / DATASET_NAME
     cases = test_cases(raw)
-    results = Path(env["nnUNet_results"]) / DATASET_NAME
     predict_calls, step_calls, info = {}, {}, {}
     for label, trainer, plans in settings["networks"]:
-        model_dir = results / spec(trainer, plans)
+        model_dir = model_dirs[trainer]
         with contextlib.redirect_stdout(io.StringIO()):
             predictor = trained_predictor(model_dir, use_mirroring=False, device=device)
         mirrors = tuple(predictor.allowed_mirroring_axes or ())
@@ -300,9 +330,8 @@ def training_log_seconds_per_epoch(model_dir: Path) -> float:
 # the table, the rule, the chart
 
 
-def dice_rows(work: Path) -> dict[tuple[str, bool], dict]:
+def dice_rows(rows: list[dict]) -> dict[tuple[str, bool], dict]:
     """compare's rows by (result spec, TTA), the first row of each (nnU-Net's own predictor)."""
-    rows = json.loads((work / "compare" / "results.json").read_text())["rows"]
     by_key: dict[tuple[str, bool], dict] = {}
     for row in rows:
         by_key.setdefault((row["spec"], row["use_mirroring"]), row)
@@ -314,15 +343,15 @@ def cnn_tta_row(table: list[dict]) -> dict:
     return next(r for r in table if r["trainer"] == "nnUNetTrainer" and r["use_mirroring"])
 
 
-def build_table(work: Path, settings: dict, env: dict, info: dict) -> list[dict]:
-    dice = dice_rows(work)
-    results = Path(env["nnUNet_results"]) / DATASET_NAME
+def build_table(info: dict, compare_rows: list[dict], epoch_s: dict[str, float]) -> list[dict]:
+    """One row per timed row: its Dice from compare (here or recorded), its cost from this run's timing."""
+    dice = dice_rows(compare_rows)
     table = []
     for row, meta in info.items():
         scores = dice[(meta["spec"], meta["use_mirroring"])]
-        epoch_s = training_log_seconds_per_epoch(results / meta["spec"])
         table.append(dict(row=row, **meta, dice_per_class=scores["dice_per_class"], dice_mean=scores["dice_mean"],
-                          flip_consistency=scores["flip_consistency"], train_s_per_epoch_log=epoch_s))  # fmt: skip
+                          flip_consistency=scores["flip_consistency"],
+                          train_s_per_epoch_log=epoch_s[meta["trainer"]]))  # fmt: skip
     baseline = cnn_tta_row(table)
     for r in table:
         r["speedup_vs_cnn_tta"] = baseline["seconds_per_case"] / r["seconds_per_case"]
@@ -421,14 +450,11 @@ def write_outputs(out: Path, table: list[dict], header: list[str]) -> str:
     return text
 
 
-def main() -> None:
-    args = parse_args()
-    settings = run_settings(args)
-    work = Path(args.work_dir).resolve()
+def open_work_folder(work: Path, settings: dict) -> dict:
+    """The data and the budget define a run folder (``settings.json``); the networks may be any subset of it."""
     work.mkdir(parents=True, exist_ok=True)
     (work / ".steps").mkdir(exist_ok=True)
     record = work / "settings.json"
-    # the data and the budget define a run folder; the networks may be any subset of it
     saved = {k: v for k, v in settings.items() if k not in ("repeats", "networks", "training_order")}
     recorded = json.loads(record.read_text()) if record.is_file() else None
     if recorded is not None:
@@ -436,21 +462,18 @@ def main() -> None:
     if recorded is not None and recorded != json.loads(json.dumps(saved)):
         raise SystemExit(f"{work} holds a frontier run with other settings ({record}); choose another folder")
     record.write_text(json.dumps(saved, indent=2))
+    return saved
+
+
+def run_env(work: Path, settings: dict) -> dict:
     env = job_env(work)
-    epochs, iterations, val_iterations = settings["budget"]
-    env["EQUIFLEX_BUDGET"] = f"{epochs},{iterations},{val_iterations}"
+    env["EQUIFLEX_BUDGET"] = ",".join(str(b) for b in settings["budget"])
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer")})
-    steps = Steps(work)
-    device = torch.device(args.device)
-    if not args.timing_only:
-        prepare_and_train(work, settings, env, steps, args.device)
-        if args.train_only:
-            print(f"trained: {', '.join(settings['training_order'])}")
-            return
-        evaluate(work, settings, env, steps, args.device)
-    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "2")))
-    info = timing(settings, env, device)
-    table = build_table(work, settings, env, info)
+    return env
+
+
+def header_lines(settings: dict, env: dict, device: torch.device, records: dict, records_dir) -> list[str]:
+    epochs, iterations, val_iterations = settings["budget"]
     plans = load_plans(env, "EquiFlexPlans")["configurations"]["2d"]
     header = [
         "# Dice-cost frontier (benchmarks/frontier.py)",
@@ -465,9 +488,63 @@ def main() -> None:
         "(round-robin); train s/epoch: median epoch wall time in nnU-Net's training log (other jobs may have shared "
         "the machine then); GFLOPs/tile: one forward pass x passes (EquiFlex analytic, CNN FlopCounterMode)",
     ]
+    used = [r for t, r in records.items() if t in {n[1] for n in settings["networks"]}]
+    if used:
+        trained = "; ".join(f"{r['trainer']}: {r['trained_with']}" for r in used)
+        header.append(f"Dice and s/epoch of {len(used)} networks from the records in {records_dir} (same data digest "
+                      f"and budget; trained with {trained}); every row is timed in this run")  # fmt: skip
     missing = [label for label, trainer, _ in NETWORKS if trainer not in {t for _, t, _ in settings["networks"]}]
     if missing:
         header.append(f"not in this run (choose them with --networks): {', '.join(missing)}")
+    return header
+
+
+def table_inputs(work: Path, env: dict, here: list, records: dict) -> tuple[dict, list[dict], dict]:
+    """Model folders to time, compare rows and training-log epoch times: from this folder or the records."""
+    results = Path(env["nnUNet_results"]) / DATASET_NAME
+    model_dirs = {t: results / spec(t, p) for _, t, p in here}
+    rows = json.loads((work / "compare" / "results.json").read_text())["rows"] if here else []
+    epoch_s = {t: training_log_seconds_per_epoch(model_dirs[t]) for t in model_dirs}
+    plans_of = {t: p for _, t, p in NETWORKS}
+    for trainer, record in records.items():
+        model_dirs[trainer] = untrained_model_dir(str(DATASET_ID), trainer + "_budget", plans_of[trainer], env,
+                                                  work / "untrained_for_timing")  # fmt: skip
+        rows += record["compare_rows"]
+        epoch_s[trainer] = record["train_s_per_epoch_log"]
+    return model_dirs, rows, epoch_s
+
+
+def main() -> None:
+    args = parse_args()
+    settings = run_settings(args)
+    work = Path(args.work_dir).resolve()
+    saved = open_work_folder(work, settings)
+    env = run_env(work, settings)
+    steps = Steps(work)
+    prepare(work, settings, env, steps)
+    records_dir = Path(args.records).resolve() if args.records else None
+    digest = data_digest(Path(env["nnUNet_raw"]) / DATASET_NAME) if records_dir else ""
+    selected = {t for _, t, _ in settings["networks"]}
+    records = load_records(records_dir, saved, digest) if records_dir else {}
+    records = {t: r for t, r in records.items() if t in selected}
+    here = [n for n in settings["networks"] if n[1] not in records]
+    if not args.timing_only:
+        train(work, settings, env, steps, args.device, [t for t in settings["training_order"] if t not in records])
+        if args.train_only:
+            print(f"trained: {', '.join(t for _, t, _ in here)}")
+            return
+        if here:
+            evaluate(work, env, steps, args.device, here)
+        if records_dir and here:
+            record_trained(work, env, saved, digest, records_dir, here)
+        if args.record_only:
+            return
+    require_cnn(settings["networks"])
+    device = torch.device(args.device)
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "2")))
+    model_dirs, compare_rows, epoch_s = table_inputs(work, env, here, records)
+    table = build_table(timing(settings, env, device, model_dirs), compare_rows, epoch_s)
+    header = header_lines(settings, env, device, records, records_dir)
     print(write_outputs(work / "frontier", table, header))
     print(f"outputs: {work / 'frontier'} (frontier.md, .csv, .json, .png)")
 

@@ -70,3 +70,22 @@ def test_frontier_quick_run_trains_compares_times_and_applies_the_rule(tmp_path)
     # a rerun resumes: every nnU-Net step is skipped, the timing and the table are redone
     again = run_benchmark("frontier.py", str(tmp_path / "frontier"), "--quick")
     assert "== train_EquiFlexTrainerTiny: done in an earlier run, skipped" in again
+
+
+def test_frontier_records_spread_the_training_over_runs(tmp_path):
+    """The CNN trained and recorded in one folder; a second folder trains only tiny, times both, builds the table."""
+    records = tmp_path / "records"
+    first = run_benchmark("frontier.py", str(tmp_path / "a"), "--quick", "--networks", "nnUNetTrainer",
+                          "--records", str(records), "--record-only")  # fmt: skip
+    assert f"record: {records / 'nnUNetTrainer.json'}" in first and "timing" not in first
+    cnn = json.loads((records / "nnUNetTrainer.json").read_text())
+    out = run_benchmark("frontier.py", str(tmp_path / "b"), "--quick", "--records", str(records))
+    assert "== train_EquiFlexTrainerTiny" in out and "== train_nnUNetTrainer" not in out
+    assert "Dice and s/epoch of 1 networks from the records in" in out
+    assert (records / "EquiFlexTrainerTiny.json").is_file()
+    rows = json.loads((tmp_path / "b" / "frontier" / "frontier.json").read_text())["rows"]
+    cnn_tta = next(r for r in rows if r["row"] == "nnU-Net CNN + TTA (4 passes)")
+    recorded = next(r for r in cnn["compare_rows"] if r["use_mirroring"])
+    assert cnn_tta["dice_mean"] == recorded["dice_mean"] and cnn_tta["seconds_per_case"] > 0
+    assert cnn_tta["train_s_per_epoch_log"] == cnn["train_s_per_epoch_log"]
+    assert any(r["row"] == "EquiFlex tiny (1 pass)" for r in rows)

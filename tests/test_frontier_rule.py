@@ -1,12 +1,16 @@
 """The frontier's default-choice rule on hand-made rows (the benchmark run itself is in test_benchmarks.py)."""
 
 import importlib.util
+import sys
 from pathlib import Path
+
+import pytest
 
 FRONTIER = Path(__file__).resolve().parents[1] / "benchmarks" / "frontier.py"
 
 
 def load_frontier():
+    sys.path.insert(0, str(FRONTIER.parent))  # frontier.py imports frontier_records beside it, as when run
     spec = importlib.util.spec_from_file_location("frontier", FRONTIER)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -38,3 +42,45 @@ def test_without_a_qualifying_preset_the_rule_says_so_and_falls_back_to_the_best
     assert "no preset qualifies; fallback (highest mean Dice): EquiFlexTrainerTiny (tiny)" in line
     assert "-2.00 points" in line
     assert frontier.rule_line(table[:1]).endswith("no EquiFlex preset in this run")
+
+
+def load_records_module():
+    spec = importlib.util.spec_from_file_location("frontier_records", FRONTIER.parent / "frontier_records.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SETTINGS = dict(num_train=16, num_test=4, size_range=[64, 72], budget=[2, 4, 2])
+
+
+def test_a_record_is_written_once_and_read_back_only_for_the_same_settings_and_data(tmp_path):
+    records = load_records_module()
+    rows = [dict(spec="s", use_mirroring=False, dice_mean=0.5)]
+    record = records.make_record(SETTINGS, "abc", "EquiFlexTrainerTiny", "s", rows, 12.0)
+    path = records.write_record(tmp_path, record)
+    assert records.write_record(tmp_path, record) == path  # the same record again: nothing changes
+    with pytest.raises(SystemExit, match="already holds another record of EquiFlexTrainerTiny; delete it"):
+        records.write_record(tmp_path, {**record, "train_s_per_epoch_log": 13.0})
+    assert records.load_records(tmp_path, SETTINGS, "abc")["EquiFlexTrainerTiny"]["compare_rows"] == rows
+    with pytest.raises(SystemExit, match=r"other settings \(budget\); use the same --epochs"):
+        records.load_records(tmp_path, {**SETTINGS, "budget": [12, 50, 5]}, "abc")
+    with pytest.raises(SystemExit, match="trained on other data"):
+        records.load_records(tmp_path, SETTINGS, "other")
+    assert records.load_records(tmp_path / "none", SETTINGS, "abc") == {}
+
+
+def test_the_data_digest_sees_one_changed_voxel(tmp_path):
+    import numpy as np
+    import SimpleITK as sitk
+
+    records = load_records_module()
+    for sub in ("imagesTr", "labelsTr"):
+        (tmp_path / sub).mkdir()
+    image = np.zeros((1, 8, 8), np.float32)
+    sitk.WriteImage(sitk.GetImageFromArray(image), str(tmp_path / "imagesTr" / "a_0000.nii.gz"))
+    before = records.data_digest(tmp_path)
+    assert records.data_digest(tmp_path) == before
+    image[0, 3, 4] = 1.0
+    sitk.WriteImage(sitk.GetImageFromArray(image), str(tmp_path / "imagesTr" / "a_0000.nii.gz"))
+    assert records.data_digest(tmp_path) != before
