@@ -93,6 +93,14 @@ PRESETS_3D: dict[str, dict[str, Any]] = {
         refine=True,
         refine_dim=8,
     ),
+    # ViT-S/8 in 3D (8x8x8 tokens, the planner halves them along coarse axes) with FlipModel0's lifting over the
+    # 8 flips: the embedding lifted (mean, folded into one pass), blocks 0-1 global, the rest in 5x5x5 windows.
+    # A 2D DINO ViT-S/8 checkpoint loads by inflation (EquiFlexTrainerPretrained3D).
+    "vit_s8_3d": dict(_VIT_S8, spatial_dims=3, group="flips", pos_embed_grid=(8, 16, 16), **_FLIP_MODEL_0),
+    # The ViT-Ti/8 shape (192 wide, 3 heads) of vit_s8_3d: a quarter of its linear-layer cost.
+    "vit_ti8_3d": dict(
+        _VIT_S8, embed_dim=192, num_heads=3, spatial_dims=3, group="flips", pos_embed_grid=(8, 16, 16), **_FLIP_MODEL_0
+    ),
 }
 _ALL_PRESETS = {**PRESETS, **PRESETS_3D}
 _BATCH_SHAPES = {2: "(B, C, H, W)", 3: "(B, C, D, H, W)"}

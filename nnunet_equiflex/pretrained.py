@@ -344,6 +344,18 @@ def resample_patch_pos_embed(
     return maps.permute(0, 2, 3, 1).flatten(1, 2).to(patch_pos.dtype)
 
 
+def inflate_patch_filter(weight: torch.Tensor, depth: int) -> torch.Tensor:
+    """2D patch filters ``(D, C, ph, pw)`` as 3D ``(D, C, depth, ph, pw)``: each slice gets ``1/depth`` of the
+    filter, so a token of identical slices embeds as the 2D token of one of them (the rule of I3D's inflation)."""
+    return weight[:, :, None].expand(-1, -1, depth, -1, -1) / depth
+
+
+def inflate_pos_embed(patch_pos: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """A ``(1, h*w, D)`` in-plane position embedding repeated along depth to the ``(d, h, w)`` grid, depth-major
+    as the encoder flattens its tokens: every slice of tokens starts from the 2D model's positions."""
+    return patch_pos.repeat(1, grid[0], 1)
+
+
 @dataclass(frozen=True)
 class KnownCheckpoint:
     """Where a public checkpoint lands in the local caches once downloaded."""
@@ -562,8 +574,9 @@ def _convert_pos_embed(
     pos = state_dict["pos_embed"]
     pos = pos[None] if pos.ndim == 2 else pos
     registers = state_dict["reg_token"].shape[1] if "reg_token" in state_dict else 0
+    in_plane = encoder.pos_embed_grid[-2:]
     try:
-        old_grid, prefix = _infer_pos_grid(pos.shape[1], (1, 0, 1 + registers), encoder.pos_embed_grid)
+        old_grid, prefix = _infer_pos_grid(pos.shape[1], (1, 0, 1 + registers), in_plane)
     except ValueError:
         if strict:
             raise
@@ -577,11 +590,15 @@ def _convert_pos_embed(
     if prefix > 1:
         state_dict["reg_token"] = state_dict["reg_token"] + pos[:, 1:prefix]
         report.adaptations.append("register-token position entries added to reg_token (ours have none)")
-    patch_pos = resample_patch_pos_embed(pos[:, prefix:], old_grid, encoder.pos_embed_grid)
-    if old_grid != encoder.pos_embed_grid:
-        new = encoder.pos_embed_grid
+    patch_pos = resample_patch_pos_embed(pos[:, prefix:], old_grid, in_plane)
+    if old_grid != in_plane:
         report.adaptations.append(
-            f"pos_embed resampled bicubically from {old_grid[0]}x{old_grid[1]} to {new[0]}x{new[1]} tokens"
+            f"pos_embed resampled bicubically from {old_grid[0]}x{old_grid[1]} to {in_plane[0]}x{in_plane[1]} tokens"
+        )
+    if len(encoder.pos_embed_grid) == 3:
+        patch_pos = inflate_pos_embed(patch_pos, encoder.pos_embed_grid)
+        report.adaptations.append(
+            f"pos_embed inflated to 3D: the in-plane grid repeated along depth ({encoder.pos_embed_grid[0]} slices)"
         )
     state_dict["pos_embed"] = torch.cat([class_entry, patch_pos], dim=1)
 
@@ -593,7 +610,13 @@ def _convert_patch_embed(
     if key not in state_dict or key not in target:
         return
     weight, want = state_dict[key], target[key].shape
-    if weight.ndim != 4 or weight.shape[2:] != want[2:] or weight.shape[1] == want[1]:
+    if weight.ndim == 4 and len(want) == 5 and weight.shape[2:] == want[3:]:
+        weight = state_dict[key] = inflate_patch_filter(weight, want[2])
+        report.adaptations.append(
+            f"{key}: 2D filters inflated to 3D, spread evenly over {want[2]} slices (a volume constant along depth "
+            "gives the 2D response)"
+        )
+    if weight.ndim != len(want) or weight.shape[2:] != want[2:] or weight.shape[1] == want[1]:
         return  # nothing to adapt, or a patch-size mismatch reported by the shape check
     state_dict[key] = adapt_input_channels(weight, want[1])
     how = "sum of the filters" if want[1] == 1 else "filters shared out so their sum is kept"
@@ -606,10 +629,14 @@ def _convert_patch_embed(
 def _shape_message(key: str, got: tuple[int, ...], want: tuple[int, ...]) -> str:
     """The error for one tensor that cannot be adapted, naming the fix where one is known."""
     if key == "patch_embed.proj.weight" and got[2:] != want[2:]:
+        size = "x".join(map(str, got[2:]))
+        if len(want) == 5:  # a 2D checkpoint inflates along depth: only the in-plane size must match
+            fix = f"build the network with patch_size=[{want[2]}, {got[-2]}, {got[-1]}]"
+        else:
+            fix = f"build the network with patch_size={got[2]} (inputs must then be multiples of {got[2]})"
         return (
-            f"{key}: patch size {got[2]}x{got[3]} in the checkpoint vs {want[2]}x{want[3]} in the network "
-            f"(shapes {got} vs {want}); build the network with patch_size={got[2]} (inputs must then be "
-            f"multiples of {got[2]}) or load a checkpoint with patch size {want[2]}"
+            f"{key}: patch size {size} in the checkpoint vs {'x'.join(map(str, want[2:]))} in the network "
+            f"(shapes {got} vs {want}); {fix} or load a checkpoint with patch size {want[-1]}"
         )
     if re.fullmatch(r"blocks\.\d+\.mlp\.fc1\.weight", key):
         return (

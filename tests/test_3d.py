@@ -22,7 +22,7 @@ from nnunet_equiflex.attention import (
 )
 from nnunet_equiflex.flops import network_forward_flops, window_pairs
 from nnunet_equiflex.groups import group_elements
-from nnunet_equiflex.network import PRESETS, EquiFlexFormer
+from nnunet_equiflex.network import PRESETS, PRESETS_3D, EquiFlexFormer
 
 BOUND = 1e-4
 FLIPS_3D = group_elements("flips", 3)
@@ -190,10 +190,23 @@ def test_kwargs_survive_json_and_rebuild_the_same_network():
     assert net.encoder.pos_embed.shape == (1, 1 + 64, 32)
 
 
-def test_the_3d_preset_is_apart_from_the_2d_presets():
-    """The 2D planner and trainers offer PRESETS; the 3D preset is built by name all the same."""
-    assert "tiny3d" not in PRESETS
+def test_the_3d_presets_are_apart_from_the_2d_presets():
+    """The 2D planner and trainers offer PRESETS; the 3D presets are built by name all the same."""
+    assert not set(PRESETS_3D) & set(PRESETS)
     assert tiny3d().spatial_dims == 3
+
+
+@pytest.mark.parametrize("name", ["vit_s8_3d", "vit_ti8_3d"])
+def test_the_vit_3d_presets_are_one_folded_pass_and_exact_for_the_8_flips(name):
+    net = EquiFlexFormer.from_preset(name, 1, 2, attention_backend="sdpa").eval()
+    encoder = net.encoder
+    assert encoder.token_size == (8, 8, 8) and len(encoder.elements) == 8 and encoder.lifting_is_linear
+    assert encoder.n_global_blocks == 2 and encoder.n_lifted_blocks == 0
+    x = torch.randn(1, 1, 16, 24, 24)  # 2x3x3 tokens: the local blocks' 5x5x5 windows cut at every border
+    errors = max_equivariance_error(net, x, FLIPS_3D)
+    assert max(errors.values()) < BOUND, errors
+    ablation = EquiFlexFormer.from_preset(name, 1, 2, attention_backend="sdpa", group="none").eval()
+    assert max(max_equivariance_error(ablation, x, FLIPS_3D).values()) > 100 * BOUND
 
 
 def counted_flops(net, x) -> int:

@@ -157,6 +157,47 @@ def test_equivariant_trainers_take_the_planned_3d_configuration_with_one_pass_pe
         assert (trainer.num_epochs, trainer.num_iterations_per_epoch) == (4, 25)
 
 
+@pytest.mark.parametrize("trainer_name", ["EquiFlexTrainerViTS8_3D", "EquiFlexTrainerViTTi8_3D"])
+def test_the_vit_3d_trainers_build_their_preset_on_the_plans_tokens(dataset, trainer_name):
+    dataset(*SMALL)
+    plans = plan_dataset(NAME, configuration="3d_fullres", preset="vit_s8_3d")
+    kwargs = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    assert kwargs["patch_size"] == [4, 8, 8]  # 8 px tokens in-plane, halved along the 3 mm axis
+    trainer = _trainer(trainer_name, plans)
+    net = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 2, False)
+    assert net.encoder.token_size == (4, 8, 8) and net.encoder.embed_dim == (384 if "S8" in trainer_name else 192)
+    assert net.encoder.lifting_is_linear and len(net.encoder.elements) == 8
+    assert trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[3] is None
+
+
+def test_the_pretrained_3d_trainer_inflates_a_2d_vit_s8_checkpoint_and_logs_it(dataset, tmp_path, monkeypatch):
+    import functools
+
+    import torch.nn as nn
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(img_size=224, patch_size=8, embed_dim=384, depth=12, num_heads=6, qkv_bias=True,
+                            num_classes=0, norm_layer=functools.partial(nn.LayerNorm, eps=1e-6))  # fmt: skip
+    path = tmp_path / "vit_s8_timm.pth"
+    torch.save(vit.state_dict(), path)
+    monkeypatch.setenv("EQUIFLEX_PRETRAINED", str(path))
+    dataset(*SMALL)
+    trainer = _trainer(
+        "EquiFlexTrainerPretrained3D", plan_dataset(NAME, configuration="3d_fullres", preset="vit_s8_3d")
+    )
+    data = tmp_path / "preprocessed" / NAME / "nnUNetPlans_3d_fullres"
+    data.mkdir()
+    (data / "case0.b2nd").touch()  # initialize() reads the data format from the file endings, not the data
+    trainer.initialize()
+    assert trainer.pretrained_report.complete
+    weight = trainer.network.encoder.patch_embed.proj.weight.detach()
+    assert weight.shape == (384, 1, 4, 8, 8)
+    assert torch.allclose(weight.sum(2), vit.patch_embed.proj.weight.detach().sum(1, keepdim=True), atol=1e-5)
+    log = open(trainer.log_file).read()
+    assert "2D filters inflated to 3D, spread evenly over 4 slices" in log
+    assert "pos_embed resampled bicubically from 28x28 to 16x16" in log and "repeated along depth (8 slices)" in log
+
+
 def test_flex_trainer_keeps_nnunets_3d_mirroring(dataset):
     dataset(*SMALL)
     trainer = _trainer("FlexTrainer", plan_dataset(NAME, configuration="3d_fullres"))

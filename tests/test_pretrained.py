@@ -470,3 +470,59 @@ def test_d2_equivariance_holds_after_loading(timm_kwargs):
     assert torch.equal(net.encoder.blocks[1].norm2.weight.data, reference.blocks[1].norm2.weight.data)
     errors = max_equivariance_error(net, torch.randn(2, 1, IMAGE, 3 * PATCH), group_elements("d2"))
     assert max(errors.values()) < 1e-4, errors
+
+
+# 2D -> 3D: a 2D ViT checkpoint inflated into a 3D encoder (patch filter spread along depth, position grid repeated).
+DEPTH_PATCH = 2
+
+
+def our_encoder_3d(depth_tokens: int, **overrides) -> EquiFlexEncoder:
+    kwargs = dict(spatial_dims=3, patch_size=[DEPTH_PATCH, PATCH, PATCH], pos_embed_grid=(depth_tokens, GRID, GRID))
+    return our_encoder(**{**kwargs, **overrides})
+
+
+@pytest.mark.parametrize("layout", [dict(), dict(n_lifted_blocks=0, window_radius=GRID - 1, attention_backend="sdpa")],
+                         ids=["global", "local-window-covering-grid"])  # fmt: skip
+def test_2d_checkpoint_inflated_to_3d_gives_the_2d_tokens_on_a_volume_of_one_token_slice(vit, image, layout):
+    encoder = our_encoder_3d(1, **layout)
+    report = load_pretrained_encoder(encoder, vit.state_dict())
+    assert report.complete and report.loaded == list(encoder.state_dict())
+    assert any("inflated to 3D, spread evenly over 2 slices" in a for a in report.adaptations)
+    assert any("pos_embed inflated to 3D" in a for a in report.adaptations)
+    volume = image[:, :, None].expand(-1, -1, DEPTH_PATCH, -1, -1)  # every slice the same 2D image
+    assert max_diff(our_tokens(encoder, volume), timm_tokens(vit, image)) < TOL
+
+
+def test_inflation_repeats_the_resampled_in_plane_positions_on_every_slice(vit):
+    encoder = our_encoder_3d(3, pos_embed_grid=(3, 2 * GRID, GRID))
+    report = load_pretrained_encoder(encoder, vit.state_dict())
+    assert any("resampled bicubically from 4x4 to 8x4" in a for a in report.adaptations)
+    from nnunet_equiflex.pretrained import resample_patch_pos_embed
+
+    in_plane = resample_patch_pos_embed(vit.pos_embed[:, 1:].detach(), (GRID, GRID), (2 * GRID, GRID))
+    grid = encoder.pos_embed.detach()[:, 1:].reshape(1, 3, 2 * GRID * GRID, EMBED)
+    for k in range(3):
+        assert torch.allclose(grid[:, k], in_plane, atol=1e-6)
+    weight = encoder.patch_embed.proj.weight.detach()
+    assert torch.allclose(weight.sum(2), vit.patch_embed.proj.weight.detach(), atol=1e-6)
+    assert torch.equal(weight[:, :, 0], weight[:, :, 1])
+
+
+def test_inflation_needs_the_in_plane_patch_size_of_the_checkpoint(vit):
+    with pytest.raises(ValueError, match=r"patch size 8x8 in the checkpoint vs 2x4x4 in the network.*"
+                       r"patch_size=\[2, 8, 8\]"):  # fmt: skip
+        load_pretrained_encoder(our_encoder_3d(1, patch_size=[DEPTH_PATCH, 4, 4], pos_embed_grid=(1, 8, 8)),
+                                vit.state_dict())  # fmt: skip
+
+
+def test_flip_equivariance_in_3d_holds_after_inflating_a_2d_checkpoint(vit):
+    net = EquiFlexFormer(
+        in_channels=1, num_classes=3, spatial_dims=3, patch_size=[DEPTH_PATCH, PATCH, PATCH], embed_dim=EMBED,
+        depth=DEPTH, num_heads=HEADS, n_lifted_blocks=1, window_radius=1, group="flips", attention_backend="sdpa",
+        pos_embed_grid=(2, GRID, GRID),
+    ).eval()  # fmt: skip
+    assert load_pretrained_encoder(net, vit.state_dict()).complete
+    errors = max_equivariance_error(
+        net, torch.randn(1, 1, 3 * DEPTH_PATCH, 2 * PATCH, 3 * PATCH), group_elements("flips", 3)
+    )
+    assert len(errors) == 8 and max(errors.values()) < 1e-4, errors

@@ -54,6 +54,9 @@ __all__ = [
     "FlexTrainerTiny_smoke",
     "EquiFlexTrainerTiny3D",
     "EquiFlexTrainerTiny3D_smoke",
+    "EquiFlexTrainerViTS8_3D",
+    "EquiFlexTrainerViTTi8_3D",
+    "EquiFlexTrainerPretrained3D",
     "EquiFlexTrainerPretrained",
     "EquiFlexTrainerPretrainedTiny_smoke",
     "EquiFlexTrainerD4",
@@ -370,6 +373,23 @@ class EquiFlexTrainerTiny3D_smoke(EquiFlexTrainerTiny3D):
         _use_smoke_schedule(self)
 
 
+def _preset_variant_3d(name: str, preset: str, doc: str) -> type:
+    """As ``_preset_variant`` for a 3D preset, except the token size: the plans' (anisotropic where the spacing
+    is, e.g. 4x8x8), so that it fits their patch size."""
+    overrides = {k: v for k, v in preset_kwargs(preset).items() if k != "patch_size"}
+    attributes = {"network_preset": preset, "network_overrides": overrides, "__doc__": doc, "__module__": __name__}
+    return type(name, (EquiFlexTrainer,), attributes)
+
+
+EquiFlexTrainerViTS8_3D = _preset_variant_3d(
+    "EquiFlexTrainerViTS8_3D",
+    "vit_s8_3d",
+    "ViT-S/8 in 3D (3d_fullres): the 8 flips lifted at the embedding (mean, folded), blocks 0-1 global.",
+)
+EquiFlexTrainerViTTi8_3D = _preset_variant_3d(
+    "EquiFlexTrainerViTTi8_3D", "vit_ti8_3d", "The ViT-Ti/8 shape of EquiFlexTrainerViTS8_3D (192 wide, 3 heads)."
+)
+
 PRETRAINED_ENV = "EQUIFLEX_PRETRAINED"
 
 
@@ -475,6 +495,21 @@ class EquiFlexTrainerPretrained(EquiFlexTrainer):
             super().load_checkpoint(filename_or_checkpoint)
         finally:
             self._restoring_checkpoint = False
+
+
+class EquiFlexTrainerPretrained3D(EquiFlexTrainerPretrained):
+    """EquiFlexTrainerPretrained on 3d_fullres: a 2D ViT-S/8 checkpoint (DINO ViT-S/8) inflated into vit_s8_3d.
+
+    Each 8x8 patch filter is spread evenly over the token's slices (a token of identical slices embeds as the 2D
+    token), the position embedding is resampled in-plane and repeated along depth; the training log lists both
+    adaptations. Plan the configuration with the same preset, so that the tokens are 8 px in-plane::
+
+        nnunet-equiflex plan -d DATASET -c 3d_fullres --preset vit_s8_3d
+        nnUNetv2_train DATASET 3d_fullres FOLD -tr EquiFlexTrainerPretrained3D -p EquiFlexPlans
+    """
+
+    network_preset = "vit_s8_3d"
+    network_overrides = {k: preset_kwargs("vit_s8_3d")[k] for k in VIT_S8_SHAPE_KEYS if k != "patch_size"}
 
 
 class EquiFlexTrainerPretrainedTiny_smoke(EquiFlexTrainerPretrained, EquiFlexTrainerTiny_smoke):
