@@ -188,6 +188,10 @@ ALL_TRAINERS = [
     "nnUNetTrainer_budget",
     "EquiFlexTrainerFlip0_budget",
     "EquiFlexTrainerTiny_budget",
+    "EquiFlexTrainerTiny3D",
+    "EquiFlexTrainerViTS8_3D",
+    "EquiFlexTrainerViTTi8_3D",
+    "EquiFlexTrainerPretrained3D",
 ]
 LOOKUP = (
     "import sys; from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find; "
