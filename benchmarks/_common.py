@@ -190,30 +190,32 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
     print(flush=True)
 
 
-def nnunet_2d_architecture(patch_size: tuple[int, int], spacing: tuple[float, float] = (1.0, 1.0)) -> dict:
-    """The ``architecture`` entry nnU-Net's default planner (ExperimentPlanner, 2.8.1) writes for a
-    2D configuration, computed with its own ``get_pool_and_conv_props`` and constants (the code of
-    ``get_plans_for_configuration``, minus the VRAM-driven patch search: the patch is given).
-    Returns the architecture and the patch size the topology rounds it to."""
+def nnunet_architecture(patch_size: tuple[int, ...], spacing: tuple[float, ...] | None = None) -> dict:
+    """The ``architecture`` entry nnU-Net's default planner (ExperimentPlanner, 2.8.1) writes for a 2D or 3D
+    configuration (the axis count is ``len(patch_size)``), computed with its own ``get_pool_and_conv_props`` and
+    constants (the code of ``get_plans_for_configuration``, minus the VRAM-driven patch search: the patch is
+    given). Returns the architecture and the patch size the topology rounds it to."""
     from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 
+    dims = len(patch_size)
+    spacing = (1.0,) * dims if spacing is None else spacing
     # Constants set in ExperimentPlanner.__init__ (nnunetv2 2.8.1); they need a dataset to instantiate.
-    base_features, max_features_2d, min_edge, blocks_per_stage = 32, 512, 4, 2
+    base_features, max_features, min_edge, blocks_per_stage = 32, {2: 512, 3: 320}[dims], 4, 2
     _, strides, kernels, fitted_patch, _ = get_pool_and_conv_props(spacing, patch_size, min_edge, 999999)
     n_stages = len(strides)
-    features = tuple(min(max_features_2d, base_features * 2**i) for i in range(n_stages))
+    features = tuple(min(max_features, base_features * 2**i) for i in range(n_stages))
     architecture = {
         "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
         "arch_kwargs": {
             "n_stages": n_stages,
             "features_per_stage": features,
-            "conv_op": "torch.nn.modules.conv.Conv2d",
+            "conv_op": f"torch.nn.modules.conv.Conv{dims}d",
             "kernel_sizes": [list(k) for k in kernels],
             "strides": [list(s) for s in strides],
             "n_conv_per_stage": [blocks_per_stage] * n_stages,
             "n_conv_per_stage_decoder": [blocks_per_stage] * (n_stages - 1),
             "conv_bias": True,
-            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
+            "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dims}d",
             "norm_op_kwargs": {"eps": 1e-5, "affine": True},
             "dropout_op": None,
             "dropout_op_kwargs": None,

@@ -3,7 +3,7 @@
 Both networks run inside ``nnUNetPredictor.predict_single_npy_array`` (preprocessing, Gaussian
 sliding window, resampling back, argmax), initialised with ``manual_initialization`` from an
 in-memory 2D plan whose architecture entry is what nnU-Net's default planner computes for the
-patch (see ``_common.nnunet_2d_architecture``). Weights are random: accuracy is irrelevant here.
+patch (see ``_common.nnunet_architecture``). Weights are random: accuracy is irrelevant here.
 
 Rows: the CNN with mirroring TTA (nnU-Net's default, 4 passes per tile in 2D, the baseline), the
 CNN without TTA, and each EquiFlex preset (``--presets``) through nnUNetPredictor with no mirroring
@@ -29,7 +29,7 @@ from _common import (
     build_cnn,
     measure_interleaved,
     mib,
-    nnunet_2d_architecture,
+    nnunet_architecture,
     pick_device,
     print_header,
 )
@@ -234,7 +234,7 @@ def main() -> None:
 
     allow_many_compiles()
     print_header("End-to-end prediction per case through nnU-Net's predictor", device)
-    architecture, fitted = nnunet_2d_architecture(PATCH)
+    architecture, fitted = nnunet_architecture(PATCH)
     assert fitted == PATCH, fitted
     plans = plans_2d(architecture, PATCH)
     print(

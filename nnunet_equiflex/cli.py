@@ -109,7 +109,7 @@ def _main_job(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nnunet_equiflex.network import DEFAULT_PRESET, PRESETS, PRESETS_3D
+    from nnunet_equiflex.network import DEFAULT_PRESET, DEFAULT_PRESET_3D, PRESETS, PRESETS_3D
 
     parser = argparse.ArgumentParser(prog="nnunet-equiflex", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         default=None,
         choices=[*PRESETS, *PRESETS_3D],
-        help=f"network preset (default {DEFAULT_PRESET} for 2d, tiny3d for 3d_fullres; 3D presets: "
+        help=f"network preset (default {DEFAULT_PRESET} for 2d, {DEFAULT_PRESET_3D} for 3d_fullres; 3D presets: "
         f"{', '.join(PRESETS_3D)})",
     )
     plan.add_argument(

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
-from nnunet_equiflex.network import DEFAULT_PRESET, preset_kwargs
+from nnunet_equiflex.network import DEFAULT_PRESET, DEFAULT_PRESET_3D, preset_kwargs
 from nnunet_equiflex.planning import (
     NETWORK_CLASS_NAME,
     batch_size_for_memory,
@@ -37,7 +37,6 @@ from nnunet_equiflex.planning import (
 
 DEFAULT_PLANS_NAME = "EquiFlexPlans"
 PLANNABLE_CONFIGURATIONS = ("2d", "3d_fullres")
-DEFAULT_PRESET_3D = "tiny3d"
 
 
 def square_patch_size(patch_size: tuple[int, ...] | list[int], token_size: int) -> tuple[int, int]:
@@ -83,7 +82,7 @@ class EquiFlexPlanner(ExperimentPlanner):
         self.network_kwargs = preset_kwargs(preset, **(network_overrides or {}))
         dims, needed = self.network_kwargs.get("spatial_dims", 2), 3 if configuration == "3d_fullres" else 2
         if dims != needed:
-            fix = "a 3D preset (--preset tiny3d)" if needed == 3 else "a 2D preset (e.g. --preset tiny)"
+            fix = "a 3D preset (--preset vit_s8_3d; tiny3d for CPU tests)" if needed == 3 else "a 2D preset (e.g. tiny)"
             raise ValueError(
                 f"preset {preset!r} builds a {dims}D network, configuration {configuration!r} needs a {needed}D one; "
                 f"pass {fix}"
@@ -162,7 +161,7 @@ def plan_dataset(
     plans with different content are only replaced with ``overwrite`` (planning an EquiFlex configuration
     where the file has nnU-Net's CNN one needs no ``overwrite``); the file is written atomically.
     ``batch_size`` replaces the memory model's choice (for example nnU-Net's CNN batch, to compare
-    networks at the same batch). ``preset`` defaults to ``vit_s8`` for 2d and ``tiny3d`` for 3d_fullres.
+    networks at the same batch). ``preset`` defaults to ``DEFAULT_PRESET`` for 2d, ``DEFAULT_PRESET_3D`` for 3d_fullres.
     """
     import json
     import os

@@ -43,6 +43,15 @@ def test_network_benchmark_and_profile_run():
     assert "linear layers (addmm/mm)" in profile and "local attention (compiled window or flex)" in profile
 
 
+def test_network_benchmark_runs_in_3d_against_the_8_pass_cnn():
+    out = run_benchmark(
+        "bench_network.py", "--quick3d", "--presets", "vit_s8_3d", "tiny3d", "--no-train", "--repeats", "1"
+    )
+    assert "patch 32x64x64, batch 1" in out and "| CNN, 8 passes (mirroring TTA)" in out
+    assert "TTA rows 8x" in out and "tiny3d (32 wide, token 4, 1 lifted block) single pass vs CNN with TTA:" in out
+    assert "Target 'the default 3D preset (vit_s8_3d) >= 3x fewer FLOPs per tile than the CNN with TTA': MET" in out
+
+
 def test_inference_benchmark_runs():
     out = run_benchmark("bench_inference.py", "--quick", "--repeats", "1")
     assert "## case 1x256x256" in out and "## case 1x300x280" in out

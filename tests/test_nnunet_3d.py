@@ -82,14 +82,14 @@ def test_3d_fullres_is_planned_next_to_the_2d_configuration(dataset):
     nnunet_3d = before["configurations"]["3d_fullres"]  # -c 2d leaves nnU-Net's CNN configuration as it is
     assert nnunet_3d["architecture"]["network_class_name"] != NETWORK_CLASS_NAME
 
-    plan_dataset(NAME, configuration="3d_fullres")  # default 3D preset: tiny3d
+    plan_dataset(NAME, configuration="3d_fullres")  # default 3D preset: vit_s8_3d
     plans = _plans(folder)
     assert plans["configurations"]["2d"] == before["configurations"]["2d"]
     cfg = plans["configurations"]["3d_fullres"]
     kwargs = cfg["architecture"]["arch_kwargs"]
     assert cfg["architecture"]["network_class_name"] == NETWORK_CLASS_NAME
     assert kwargs["spatial_dims"] == 3 and kwargs["group"] == "flips"
-    assert kwargs["patch_size"] == [2, 4, 4]  # tokens halved along the coarse z axis
+    assert kwargs["patch_size"] == [4, 8, 8] and kwargs["embed_dim"] == 384  # tokens halved along the coarse z axis
     assert cfg["data_identifier"] == "nnUNetPlans_3d_fullres"  # nnU-Net's preprocessed 3d_fullres data
     assert cfg["spacing"] == nnunet_3d["spacing"]
     for ours, cnn, token in zip(cfg["patch_size"], nnunet_3d["patch_size"], kwargs["patch_size"]):
@@ -104,7 +104,7 @@ def test_3d_fullres_is_planned_next_to_the_2d_configuration(dataset):
 def test_isotropic_volumes_keep_one_token_size(dataset):
     dataset((1.0, 1.0, 1.0), (64, 64, 64))
     plans = plan_dataset(NAME, configuration="3d_fullres")
-    assert plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["patch_size"] == 4
+    assert plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["patch_size"] == 8
 
 
 def test_token_rule():
@@ -125,7 +125,7 @@ def test_2d_images_have_no_3d_fullres_to_plan(dataset, capsys):
 def test_a_2d_preset_for_3d_fullres_is_refused_with_the_fix(dataset, capsys):
     dataset((3.0, 1.0, 1.0), (24, 96, 96))
     assert cli.main(["plan", "-d", NAME, "-c", "3d_fullres", "--preset", "tiny"]) == 2
-    assert "needs a 3D one; pass a 3D preset (--preset tiny3d)" in capsys.readouterr().err
+    assert "needs a 3D one; pass a 3D preset (--preset vit_s8_3d; tiny3d for CPU tests)" in capsys.readouterr().err
 
 
 SMALL = ((3.0, 1.0, 1.0), (16, 32, 32))  # a patch of 8x8x8 tokens of 2x4x4: a forward pass takes milliseconds
@@ -142,7 +142,7 @@ def _trainer(trainer_name: str, plans: dict, configuration: str = "3d_fullres"):
 @pytest.mark.parametrize("trainer_name", ["EquiFlexTrainer", "EquiFlexTrainerTiny3D", "EquiFlexTrainerTiny3D_smoke"])
 def test_equivariant_trainers_take_the_planned_3d_configuration_with_one_pass_per_tile(dataset, trainer_name):
     dataset(*SMALL)
-    plans = plan_dataset(NAME, configuration="3d_fullres")
+    plans = plan_dataset(NAME, configuration="3d_fullres", preset="tiny3d")
     trainer = _trainer(trainer_name, plans)
     patch = tuple(trainer.configuration_manager.patch_size)
     assert patch == tuple(plans["configurations"]["3d_fullres"]["patch_size"])
@@ -245,7 +245,7 @@ def predictor_3d(dataset):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     dataset(*TINY)
-    trainer = _trainer("EquiFlexTrainerTiny3D", plan_dataset(NAME, configuration="3d_fullres"))
+    trainer = _trainer("EquiFlexTrainerTiny3D", plan_dataset(NAME, configuration="3d_fullres", preset="tiny3d"))
     torch.manual_seed(0)
     net = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 2, False)
     with torch.no_grad():
