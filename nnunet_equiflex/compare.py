@@ -6,7 +6,7 @@ twice, with its mirroring TTA (2^k passes per tile) and without (1 pass); a netw
 (EquiFlex: exactly mirror-equivariant) is run once. Dice comes from nnU-Net's evaluation code
 (``compute_metrics_on_folder``); the table also reports seconds per case, parameters, FLOPs per tile and a
 flip-consistency score: the fraction of voxels where pred(flip(x)) == flip(pred(x)), over the test cases and
-their in-plane flips.
+every flip of their mirror axes (3 for a 2D slice, all 7 non-identity flips for a volume).
 
 Flip consistency is measured through nnU-Net's whole pipeline (resampling, padding, sliding window, export).
 nnU-Net's own sliding window is not mirror-symmetric (it pads odd size differences asymmetrically, rounds tile
@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import itertools
 import json
 import os
 import shutil
@@ -218,21 +219,30 @@ def count_flops(network, num_channels: int, patch_size: tuple[int, ...]) -> floa
     return float(counter.get_total_flops())
 
 
+def flip_sets(axes: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Every non-identity flip of the mirror axes, as the array axes it reverses: 3 in 2D, 7 in 3D."""
+    return [c for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
+def _flip_name(case: str, flip: tuple[int, ...]) -> str:
+    return f"{case}__flip{''.join(map(str, flip))}"
+
+
 def write_flipped_inputs(
     cases: dict[str, list[Path]], folder: Path, axes: tuple[int, ...], ending: str
 ) -> dict[str, list[Path]]:
-    """Mirrored copies of every case along each in-plane array axis, with the same geometry."""
+    """Mirrored copies of every case under every flip of the mirror axes (``flip_sets``), same geometry."""
     import SimpleITK as sitk
 
     folder.mkdir(parents=True, exist_ok=True)
     flipped = {}
     for case, channels in cases.items():
-        for axis in axes:
-            name = f"{case}__flip{axis}"
+        for flip in flip_sets(axes):
+            name = _flip_name(case, flip)
             paths = []
             for c, path in enumerate(channels):
                 image = sitk.ReadImage(str(path))
-                array = np.flip(sitk.GetArrayFromImage(image), axis=axis).copy()
+                array = np.flip(sitk.GetArrayFromImage(image), axis=flip).copy()
                 out = sitk.GetImageFromArray(array)
                 out.CopyInformation(image)
                 target = folder / f"{name}_{c:04d}{ending}"
@@ -249,9 +259,9 @@ def flip_consistency(pred_dir: Path, flip_dir: Path, cases: list[str], axes: tup
     fractions = []
     for case in cases:
         pred = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / f"{case}{ending}")))
-        for axis in axes:
-            pred_flipped = sitk.GetArrayFromImage(sitk.ReadImage(str(flip_dir / f"{case}__flip{axis}{ending}")))
-            fractions.append(float(np.mean(pred_flipped == np.flip(pred, axis=axis))))
+        for flip in flip_sets(axes):
+            pred_flipped = sitk.GetArrayFromImage(sitk.ReadImage(str(flip_dir / f"{_flip_name(case, flip)}{ending}")))
+            fractions.append(float(np.mean(pred_flipped == np.flip(pred, axis=flip))))
     return float(np.mean(fractions)), sum(f == 1.0 for f in fractions), len(fractions)
 
 
@@ -641,7 +651,7 @@ def write_outputs(out_dir: Path, rows: list[MethodResult], class_names: list[str
         "cases, the better of the test-set and flipped-set runs, mean over folds. GFLOPs/tile: one forward pass "
         "on one patch (CNN: FlopCounterMode; EquiFlex: analytic, local attention over its window) x passes per tile. "
         "Flip consistency: "
-        "fraction of voxels with pred(flip(x)) == flip(pred(x)) over cases and in-plane flips, through nnU-Net's "
+        "fraction of voxels with pred(flip(x)) == flip(pred(x)) over cases and flips (3 per slice, 7 per volume), via nnU-Net's "
         "predictor, which runs the mirror-symmetric sliding window of nnunet-equiflex for EquiFlex networks and "
         "nnU-Net's own window (not mirror-symmetric: 1.0 only where padding and tiling happen to be) for the CNN and "
         'in rows marked "nnU-Net\'s window"; exact flips: case-flip pairs with no differing voxel.\n'
