@@ -651,7 +651,8 @@ def write_outputs(out_dir: Path, rows: list[MethodResult], class_names: list[str
         "cases, the better of the test-set and flipped-set runs, mean over folds. GFLOPs/tile: one forward pass "
         "on one patch (CNN: FlopCounterMode; EquiFlex: analytic, local attention over its window) x passes per tile. "
         "Flip consistency: "
-        "fraction of voxels with pred(flip(x)) == flip(pred(x)) over cases and flips (3 per slice, 7 per volume), via nnU-Net's "
+        "fraction of voxels with pred(flip(x)) == flip(pred(x)) over cases and flips (3 per slice, 7 per volume), "
+        "via nnU-Net's "
         "predictor, which runs the mirror-symmetric sliding window of nnunet-equiflex for EquiFlex networks and "
         "nnU-Net's own window (not mirror-symmetric: 1.0 only where padding and tiling happen to be) for the CNN and "
         'in rows marked "nnU-Net\'s window"; exact flips: case-flip pairs with no differing voxel.\n'
