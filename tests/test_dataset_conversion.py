@@ -270,6 +270,36 @@ def test_synthetic_passes_nnunet_integrity_check(synthetic_dataset, capfd):
     verify_with_nnunet(synthetic_dataset, capfd)
 
 
+# ------------------------------------------------------------------------------------------- synthetic volumes
+
+
+def test_synthetic_volumes_are_3d_thick_slice_cases_with_every_label(tmp_path, capfd):
+    from nnunet_equiflex.dataset_conversion.synthetic_volumes import generate_synthetic_volumes
+
+    folder = generate_synthetic_volumes(tmp_path, num_train=4, num_test=1)
+    assert folder.name == "Dataset905_SyntheticVolumes"
+    assert names(folder / "imagesTr") == [f"vol_{i:04d}_0000.nii.gz" for i in range(4)]
+    assert names(folder / "labelsTs") == ["vol_test_0000.nii.gz"]
+    flipped = set()
+    for case in ("vol_0000", "vol_0001", "vol_0002", "vol_0003"):
+        image = sitk.ReadImage(str(folder / "imagesTr" / f"{case}_0000.nii.gz"))
+        label = sitk.ReadImage(str(folder / "labelsTr" / f"{case}.nii.gz"))
+        assert image.GetSpacing() == (1.0, 1.0, 3.0) and label.GetOrigin() == image.GetOrigin()
+        array = sitk.GetArrayFromImage(label)
+        assert array.ndim == 3 and 16 <= array.shape[0] <= 20 and set(np.unique(array)) == {0, 1, 2, 3}
+        # the chiral shell: its thick side tells which axes the case was mirrored along
+        core = np.argwhere(array == 1).mean(0)
+        shell = np.argwhere(array == 2).mean(0)
+        flipped.add(tuple(np.sign(shell - core)[1:]))
+    assert len(flipped) > 1  # mirrored and unmirrored cases both occur
+    again = generate_synthetic_volumes(tmp_path / "again", num_train=2, num_test=0)
+    for case in ("vol_0000", "vol_0001"):  # case i depends only on (seed, split, i)
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "imagesTr" / f"{case}_0000.nii.gz")))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(again / "imagesTr" / f"{case}_0000.nii.gz")))
+        assert np.array_equal(a, b)
+    verify_with_nnunet(folder, capfd)
+
+
 # ------------------------------------------------------------------------------------------------------- ACDC
 
 
