@@ -15,6 +15,8 @@ with TTA, the preset with the fewest FLOPs at least 3x.
     python benchmarks/bench_inference.py --quick   # 2 cases, 2 repeats
     python benchmarks/bench_inference.py           # 2 cases (1x256x256, 1x300x280), 3 repeats
     python benchmarks/bench_inference.py --full    # adds 1x512x512 and a 10-slice 10x232x256 volume
+    python benchmarks/bench_inference.py --3d      # 3d_fullres: 3D presets vs the 3D CNN with 8-pass TTA, 2 volumes
+    python benchmarks/bench_inference.py --3d --quick   # 3D at a 16x64x64 patch, one small volume
 """
 
 from __future__ import annotations
@@ -38,8 +40,16 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 import nnunet_equiflex.nnunet_patch  # noqa: F401  nnU-Net's predictor as our trainer module leaves it
-from nnunet_equiflex.flops import preset_forward_flops
-from nnunet_equiflex.network import DEFAULT_PRESET, PRESETS, EquiFlexFormer, preset_kwargs
+from nnunet_equiflex.flops import network_forward_flops
+from nnunet_equiflex.network import (
+    DEFAULT_PRESET,
+    DEFAULT_PRESET_3D,
+    PRESETS,
+    PRESETS_3D,
+    EquiFlexFormer,
+    preset_kwargs,
+)
+from nnunet_equiflex.planning import token_size_for_spacing
 
 PATCH = (256, 224)
 IN_CHANNELS = 1
@@ -51,16 +61,26 @@ DATASET_JSON = {
 }
 NUM_CLASSES = len(DATASET_JSON["labels"])
 TIMED_PRESETS = ("vit_s8", "vit_s8_flip2", "vit_s8_flip0", "vit_ti8", "tiny")
+# 3d_fullres: thick slices (3 mm) of 1 mm pixels, so the planner's tokens are 4x8x8 for the 8 px presets.
+SPACING_3D = (3.0, 1.0, 1.0)
+PATCH_3D, QUICK_PATCH_3D = (32, 96, 96), (16, 64, 64)
+TIMED_PRESETS_3D = ("vit_s8_3d", "vit_ti8_3d")
 
 
-def plans_2d(architecture: dict, patch: tuple[int, int]) -> dict:
-    """A 2D nnU-Net plan as ``nnUNetv2_plan_and_preprocess`` writes it (spacing 1 x 1 mm)."""
+def configuration_name(patch: tuple[int, ...]) -> str:
+    return "2d" if len(patch) == 2 else "3d_fullres"
+
+
+def plans_for(architecture: dict, patch: tuple[int, ...]) -> dict:
+    """A 2D (spacing 1 x 1 mm, 10 mm slices) or 3d_fullres (``SPACING_3D``) nnU-Net plan as
+    ``nnUNetv2_plan_and_preprocess`` writes it; the configuration is named by the patch's axis count."""
     resample = "resample_data_or_seg_to_shape"
+    spacing = [1.0, 1.0] if len(patch) == 2 else list(SPACING_3D)
     return {
         "dataset_name": "Dataset999_Bench",
         "plans_name": "nnUNetPlans",
-        "original_median_spacing_after_transp": [10.0, 1.0, 1.0],
-        "original_median_shape_after_transp": [10, *patch],
+        "original_median_spacing_after_transp": [10.0, 1.0, 1.0] if len(patch) == 2 else spacing,
+        "original_median_shape_after_transp": [10, *patch] if len(patch) == 2 else list(patch),
         "image_reader_writer": "SimpleITKIO",
         "transpose_forward": [0, 1, 2],
         "transpose_backward": [0, 1, 2],
@@ -78,13 +98,13 @@ def plans_2d(architecture: dict, patch: tuple[int, int]) -> dict:
             }
         },
         "configurations": {
-            "2d": {
-                "data_identifier": "nnUNetPlans_2d",
+            configuration_name(patch): {
+                "data_identifier": f"nnUNetPlans_{configuration_name(patch)}",
                 "preprocessor_name": "DefaultPreprocessor",
                 "batch_size": 12,
                 "patch_size": list(patch),
                 "median_image_size_in_voxels": list(patch),
-                "spacing": [1.0, 1.0],
+                "spacing": spacing,
                 "normalization_schemes": ["ZScoreNormalization"],
                 "use_mask_for_norm": [False],
                 "resampling_fn_data": resample,
@@ -117,7 +137,7 @@ def make_predictor(cls, network, plans: dict, mirroring_axes, trainer_name: str,
         allow_tqdm=False,
     )
     plans_manager = PlansManager(copy.deepcopy(plans))
-    configuration_manager = plans_manager.get_configuration("2d")
+    configuration_manager = plans_manager.get_configuration(next(iter(plans["configurations"])))
     network = network.to(device).eval()
     predictor.manual_initialization(
         network,
@@ -132,8 +152,9 @@ def make_predictor(cls, network, plans: dict, mirroring_axes, trainer_name: str,
 
 
 def num_tiles(predictor: nnUNetPredictor, shape: tuple[int, ...]) -> int:
-    # 2D plans on (z, y, x) cases: nnU-Net pads y, x up to the patch and tiles slice by slice
-    padded = (shape[0], *(max(s, p) for s, p in zip(shape[1:], PATCH)))
+    # 2D plans on (z, y, x) cases: nnU-Net pads y, x up to the patch and tiles slice by slice; 3D pads all three
+    patch = predictor.configuration_manager.patch_size
+    padded = (*shape[: 3 - len(patch)], *(max(s, p) for s, p in zip(shape[-len(patch) :], patch)))
     return len(predictor._internal_get_sliding_window_slicers(padded))
 
 
@@ -142,29 +163,42 @@ def parse_args() -> argparse.Namespace:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="2 repeats")
     mode.add_argument("--full", action="store_true", help="more cases, 5 repeats")
+    parser.add_argument("--3d", dest="three_d", action="store_true", help="3d_fullres: 3D presets vs the 3D CNN")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int)
     parser.add_argument(
-        "--presets", nargs="+", choices=list(PRESETS), help=f"EquiFlex rows (default {' '.join(TIMED_PRESETS)}; "
-        "--quick: the default preset and tiny)",
+        "--presets", nargs="+", choices=[*PRESETS, *PRESETS_3D], help=f"EquiFlex rows (default "
+        f"{' '.join(TIMED_PRESETS)}, with --3d {' '.join(TIMED_PRESETS_3D)}; --quick: the default preset and tiny)",
     )  # fmt: skip
     parser.add_argument(
-        "--default", default=DEFAULT_PRESET, choices=list(PRESETS), help="the preset the 1.5x target is checked for"
-    )
+        "--default", choices=[*PRESETS, *PRESETS_3D], help="the preset the per-case target is checked for "
+        f"(default {DEFAULT_PRESET}, with --3d {DEFAULT_PRESET_3D})",
+    )  # fmt: skip
     args = parser.parse_args()
+    args.default = args.default or (DEFAULT_PRESET_3D if args.three_d else DEFAULT_PRESET)
     if args.presets is None:
-        args.presets = list(dict.fromkeys([args.default, "tiny"])) if args.quick else list(TIMED_PRESETS)
+        small, timed = ("tiny3d", TIMED_PRESETS_3D) if args.three_d else ("tiny", TIMED_PRESETS)
+        args.presets = list(dict.fromkeys([args.default, small] if args.quick else timed))
     return args
 
 
-def build_predictors(plans: dict, architecture: dict, presets: list[str], device: torch.device) -> dict:
+def network_kwargs_for(preset: str, patch: tuple[int, ...]) -> dict:
+    """The preset as the planner writes it for this configuration: in 3D the tokens follow the spacing."""
+    kwargs = preset_kwargs(preset)
+    if len(patch) == 3:
+        kwargs["patch_size"] = token_size_for_spacing(kwargs["patch_size"], SPACING_3D)
+    return kwargs
+
+
+def build_predictors(plans: dict, architecture: dict, presets: list[str], patch, device: torch.device) -> dict:
     """Row name -> (predictor, passes per tile, preset or None)."""
     torch.manual_seed(0)
     cnn = build_cnn(architecture, IN_CHANNELS, NUM_CLASSES, deep_supervision=False)
+    axes = tuple(range(len(patch)))
     rows = {
         "CNN + mirroring TTA (nnU-Net default)": (
-            make_predictor(nnUNetPredictor, cnn, plans, (0, 1), "nnUNetTrainer", device),
-            4,
+            make_predictor(nnUNetPredictor, cnn, plans, axes, "nnUNetTrainer", device),
+            2 ** len(axes),
             None,
         ),
         "CNN, no TTA (--disable_tta)": (
@@ -174,20 +208,22 @@ def build_predictors(plans: dict, architecture: dict, presets: list[str], device
         ),
     }
     for preset in presets:
-        network = EquiFlexFormer(IN_CHANNELS, NUM_CLASSES, **preset_kwargs(preset))
+        network = EquiFlexFormer(IN_CHANNELS, NUM_CLASSES, **network_kwargs_for(preset, patch))
         predictor = make_predictor(nnUNetPredictor, network, plans, None, "EquiFlexTrainer", device)
         rows[f"EquiFlex {preset}, 1 pass"] = (predictor, 1, preset)
     return rows
 
 
-def preset_gflops(preset: str) -> float:
-    return preset_forward_flops(preset, IN_CHANNELS, NUM_CLASSES, PATCH)["total"] / 1e9
+def preset_gflops(preset: str, patch: tuple[int, ...]) -> float:
+    kwargs = network_kwargs_for(preset, patch)
+    network = EquiFlexFormer(IN_CHANNELS, NUM_CLASSES, **kwargs)
+    return network_forward_flops(network, patch)["total"] / 1e9
 
 
-def time_case(rows: dict, shape: tuple[int, ...], device: torch.device, repeats: int, rng) -> dict[str, float]:
+def time_case(rows: dict, shape: tuple[int, ...], spacing, device: torch.device, repeats: int, rng) -> dict[str, float]:
     """Prints the table of one case; returns each EquiFlex preset's speed-up against the CNN with TTA."""
     image = rng.standard_normal((IN_CHANNELS, *shape)).astype(np.float32)
-    properties = {"spacing": [10.0, 1.0, 1.0]}
+    properties = {"spacing": list(spacing)}  # the plan's own spacing: no resampling
     calls = {name: (lambda p=p, i=image: p.predict_single_npy_array(i, properties)) for name, (p, _, _) in rows.items()}
     timings = measure_interleaved(calls, device, repeats)
     baseline_s = timings[next(iter(timings))].median_s
@@ -212,9 +248,12 @@ def time_case(rows: dict, shape: tuple[int, ...], device: torch.device, repeats:
     return speedups
 
 
-def print_targets(verdicts: list[tuple[tuple, dict]], default: str, presets: list[str]) -> None:
-    smallest = min(presets, key=preset_gflops)
-    for preset, target, what in ((default, 1.5, "the default"), (smallest, 3.0, "the smallest preset")):
+def print_targets(verdicts: list[tuple[tuple, dict]], default: str, presets: list[str], patch) -> None:
+    """2D: the default >= 1.5x, the smallest preset >= 3x faster per case; 3D: the default 3D preset >= 2x."""
+    smallest = min(presets, key=lambda p: preset_gflops(p, patch))
+    targets = [(default, 2.0, "the default 3D preset")] if len(patch) == 3 else [
+        (default, 1.5, "the default"), (smallest, 3.0, "the smallest preset")]  # fmt: skip
+    for preset, target, what in targets:
         if preset not in presets:
             print(f"Target for {what} ({preset}): not measured (not among --presets)")
             continue
@@ -224,24 +263,33 @@ def print_targets(verdicts: list[tuple[tuple, dict]], default: str, presets: lis
         print(f"Target '{what} ({preset}) >= {target}x faster per case than the CNN with TTA': {verdict} ({cases})")
 
 
+def run_setup(args) -> tuple[tuple[int, ...], list[tuple[int, ...]], int]:
+    """Patch, cases and repeats: 2D slices (z, y, x with z slices) or 3D volumes."""
+    repeats = args.repeats or (2 if args.quick else (5 if args.full else 3))
+    if args.three_d:
+        patch = QUICK_PATCH_3D if args.quick else PATCH_3D
+        cases = [(20, 72, 72)] if args.quick else [(40, 120, 120), (45, 130, 110)]
+        return patch, cases, repeats
+    cases = [(1, 256, 256), (1, 300, 280)] + ([(1, 512, 512), (10, 232, 256)] if args.full else [])
+    return PATCH, cases, repeats
+
+
 def main() -> None:
     args = parse_args()
     device = pick_device(args.device)
-    repeats = args.repeats or (2 if args.quick else (5 if args.full else 3))
-    cases = [(1, 256, 256), (1, 300, 280)]
-    if args.full:
-        cases += [(1, 512, 512), (10, 232, 256)]
-
+    patch, cases, repeats = run_setup(args)
     allow_many_compiles()
     print_header("End-to-end prediction per case through nnU-Net's predictor", device)
-    architecture, fitted = nnunet_architecture(PATCH)
-    assert fitted == PATCH, fitted
-    plans = plans_2d(architecture, PATCH)
+    spacing = SPACING_3D if len(patch) == 3 else (1.0, 1.0)
+    architecture, fitted = nnunet_architecture(patch, spacing)
+    assert fitted == patch, fitted
+    plans = plans_for(architecture, patch)
     print(
-        f"2D plan: patch {PATCH[0]}x{PATCH[1]}, spacing 1x1, tile step 0.5, Gaussian weighting; CNN "
-        f"{architecture['arch_kwargs']['n_stages']} stages from nnU-Net's planner topology. Random weights, "
-        f"{NUM_CLASSES} classes. EquiFlex presets (GFLOPs per tile, analytic): "
-        + ", ".join(f"{p} {preset_gflops(p):.1f}" for p in args.presets)
+        f"{configuration_name(patch)} plan: patch {'x'.join(map(str, patch))}, spacing {'x'.join(map(str, spacing))}, "
+        f"tile step 0.5, Gaussian weighting; CNN {architecture['arch_kwargs']['n_stages']} stages from nnU-Net's "
+        f"planner topology, TTA {2 ** len(patch)} passes. Random weights, {NUM_CLASSES} classes. EquiFlex presets "
+        "(GFLOPs per tile, analytic): "
+        + ", ".join(f"{p} {preset_gflops(p, patch):.1f}" for p in args.presets)
         + f"; attention backend auto ({'flex' if device.type == 'cuda' else 'window'} on {device.type}, compiled); "
         "nnUNetPredictor runs the mirror-symmetric window for them (nnunet_equiflex.nnunet_patch), one pass per tile."
     )
@@ -250,10 +298,11 @@ def main() -> None:
         f"median of {repeats}, rows timed round-robin"
     )
     print()
-    rows = build_predictors(plans, architecture, args.presets, device)
+    rows = build_predictors(plans, architecture, args.presets, patch, device)
     rng = np.random.default_rng(0)
-    verdicts = [(shape, time_case(rows, shape, device, repeats, rng)) for shape in cases]
-    print_targets(verdicts, args.default, args.presets)
+    case_spacing = SPACING_3D if len(patch) == 3 else (10.0, 1.0, 1.0)
+    verdicts = [(shape, time_case(rows, shape, case_spacing, device, repeats, rng)) for shape in cases]
+    print_targets(verdicts, args.default, args.presets, patch)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,14 @@ def test_inference_benchmark_runs():
     assert "Target 'the smallest preset (tiny) >= 3.0x faster per case than the CNN with TTA':" in out
 
 
+def test_inference_benchmark_runs_3d_fullres_against_the_8_pass_cnn():
+    out = run_benchmark("bench_inference.py", "--3d", "--quick", "--repeats", "1")
+    assert "3d_fullres plan: patch 16x64x64, spacing 3.0x1.0x1.0" in out and "TTA 8 passes" in out
+    assert "## case 20x72x72" in out and "| EquiFlex vit_s8_3d, 1 pass" in out and "| EquiFlex tiny3d, 1 pass" in out
+    assert "x 8 " in out.split("CNN + mirroring TTA (nnU-Net default)")[1].splitlines()[0]  # tiles x 8 passes
+    assert "Target 'the default 3D preset (vit_s8_3d) >= 2.0x faster per case than the CNN with TTA':" in out
+
+
 def test_frontier_quick_run_trains_compares_times_and_applies_the_rule(tmp_path):
     out = run_benchmark("frontier.py", str(tmp_path / "frontier"), "--quick")
     assert "budget (every network): 2 epochs x 4 iterations" in out and "machine: cpu" in out
