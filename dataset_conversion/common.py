@@ -356,3 +356,21 @@ def add_common_arguments(parser, default_id: int | None, default_name: str | Non
             "--name", default=default_name, help=f"dataset name, the part after DatasetXXX_ (default: {default_name})"
         )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty dataset folder")
+
+
+SPLIT_CODES = {"train": 0, "test": 1}
+
+
+def case_rng(seed: int, split: str, index: int, *salt: int) -> np.random.Generator:
+    """Independent stream per (seed, split, case index[, salt]): a case does not depend on how many are
+    generated; ``salt`` separates the streams of different generators."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), SPLIT_CODES[split], int(index), *salt]))
+
+
+def add_split_arguments(parser, num_train: int, num_test: int, unit: str) -> None:
+    """--num-train, --num-test and --seed of the synthetic generators (``unit``: slices or volumes)."""
+    parser.add_argument("--num-train", type=int, default=num_train, help=f"training {unit} (default: {num_train})")
+    parser.add_argument(
+        "--num-test", type=int, default=num_test, help=f"held-out {unit} in imagesTs/labelsTs (default: {num_test})"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same data (default: 0)")

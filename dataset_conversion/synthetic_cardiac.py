@@ -36,6 +36,8 @@ from nnunet_equiflex.dataset_conversion.common import (
     FILE_ENDING,
     Progress,
     add_common_arguments,
+    add_split_arguments,
+    case_rng,
     errors_as_messages,
     prepare_dataset_folder,
     removed_on_error,
@@ -84,7 +86,6 @@ DIFFICULTIES = {
 }
 DEFAULT_ID = 900
 DEFAULT_NAME = "SyntheticCardiac"
-_SPLIT_CODES = {"train": 0, "test": 1}
 
 
 @dataclass(frozen=True)
@@ -118,11 +119,6 @@ class SyntheticSlice:
             "rotation_deg": self.rotation_deg,
             "mirrored": self.mirrored,
         }
-
-
-def case_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    """Independent stream per (seed, split, case index), so cases do not depend on how many are generated."""
-    return np.random.default_rng(np.random.SeedSequence([int(seed), _SPLIT_CODES[split], int(index)]))
 
 
 def synthesize_slice(
@@ -338,9 +334,7 @@ def main(argv: list[str] | None = None) -> Path:
         description="Generate a synthetic short-axis cardiac MRI dataset (ACDC labels) in nnU-Net v2 raw format.",
     )
     add_common_arguments(parser, DEFAULT_ID, DEFAULT_NAME)
-    parser.add_argument("--num-train", type=int, default=200, help="training slices (default: 200)")
-    parser.add_argument("--num-test", type=int, default=20, help="held-out slices in imagesTs/labelsTs (default: 20)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same data (default: 0)")
+    add_split_arguments(parser, 200, 20, "slices")
     parser.add_argument(
         "--size-range",
         type=int,

@@ -35,6 +35,8 @@ from nnunet_equiflex.dataset_conversion.common import (
     FILE_ENDING,
     Progress,
     add_common_arguments,
+    add_split_arguments,
+    case_rng,
     errors_as_messages,
     image_from_2d,
     prepare_dataset_folder,
@@ -46,7 +48,6 @@ from nnunet_equiflex.dataset_conversion.common import (
 LABELS = {"background": 0, "kidney_right": 1, "kidney_left": 2, "liver": 3}
 DEFAULT_ID = 904
 DEFAULT_NAME = "SyntheticLateral"
-_SPLIT_CODES = {"train": 0, "test": 1}
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,6 @@ class LateralSlice:
     label: np.ndarray  # (H, W) uint8
     mirrored: bool
     liver_on_image_left: bool | None  # None without a landmark
-
-
-def case_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    """Case ``index`` of ``split`` depends only on (seed, split, index)."""
-    return np.random.default_rng([seed, _SPLIT_CODES[split], index])
 
 
 def _ellipse(ys: np.ndarray, xs: np.ndarray, centre, axes, tilt: float = 0.0) -> np.ndarray:
@@ -170,9 +166,7 @@ def main(argv: list[str] | None = None) -> Path:
         description="Generate 2D slices with a left/right kidney pair that only a landmark (the liver) tells apart.",
     )
     add_common_arguments(parser, DEFAULT_ID, DEFAULT_NAME)
-    parser.add_argument("--num-train", type=int, default=60, help="training slices (default: 60)")
-    parser.add_argument("--num-test", type=int, default=20, help="held-out slices in imagesTs/labelsTs (default: 20)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same data (default: 0)")
+    add_split_arguments(parser, 60, 20, "slices")
     parser.add_argument("--size", type=int, default=64, help="image height and width in pixels (default: 64)")
     parser.add_argument(
         "--mirror-probability",

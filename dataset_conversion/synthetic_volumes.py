@@ -26,6 +26,8 @@ from nnunet_equiflex.dataset_conversion.common import (
     FILE_ENDING,
     Progress,
     add_common_arguments,
+    add_split_arguments,
+    case_rng,
     errors_as_messages,
     prepare_dataset_folder,
     removed_on_error,
@@ -37,12 +39,7 @@ LABELS = {"background": 0, "core": 1, "shell": 2, "tube": 3}
 DEFAULT_ID = 905
 DEFAULT_NAME = "SyntheticVolumes"
 SPACING_ZYX = (3.0, 1.0, 1.0)  # mm: thick slices, so the planner makes the tokens anisotropic
-_SPLIT_CODES = {"train": 0, "test": 1}
 _MEANS = {0: 0.0, 1: 2.0, 2: -1.2, 3: 1.1}  # intensity per label before shading and noise
-
-
-def case_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([int(seed), _SPLIT_CODES[split], int(index), 3]))
 
 
 def _grid(shape: tuple[int, int, int]) -> tuple[np.ndarray, ...]:
@@ -114,7 +111,7 @@ def generate_synthetic_volumes(
         ):
             progress = Progress(f"{folder.name} {split}", count)
             for index in range(count):
-                rng = case_rng(seed, split, index)
+                rng = case_rng(seed, split, index, 3)  # salt 3: not the 2D generators' streams
                 shape = (int(rng.integers(16, 21)), int(rng.integers(40, 49)), int(rng.integers(40, 49)))
                 image, label = synthesize_volume(rng, shape)
                 origin = tuple(float(v) for v in rng.uniform(-50, 50, 3))
@@ -142,9 +139,7 @@ def main(argv: list[str] | None = None) -> Path:
         description="Generate a small synthetic 3D dataset (core, shell, tube) in nnU-Net v2 raw format.",
     )
     add_common_arguments(parser, DEFAULT_ID, DEFAULT_NAME)
-    parser.add_argument("--num-train", type=int, default=12, help="training volumes (default: 12)")
-    parser.add_argument("--num-test", type=int, default=3, help="held-out volumes in imagesTs/labelsTs (default: 3)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same data (default: 0)")
+    add_split_arguments(parser, 12, 3, "volumes")
     args = parser.parse_args(argv)
     with errors_as_messages(parser):
         folder = generate_synthetic_volumes(
