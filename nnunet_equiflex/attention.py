@@ -22,7 +22,7 @@ Grids are 2D or 3D (``(2r+1)^n`` windows); everything above works on both. Token
 expressed in that index space (``generate_tiled_local_window_mask``) and blocks of ``t * t``
 tokens, so that a block is one tile and its window touches a few neighbouring tiles. The set of
 attended (query, key) pairs is unchanged, so the output is the row-major output permuted. The
-caller permutes once for all local blocks (see ``EquiFlexEncoder.forward_local``). Measured on
+caller permutes once for all local blocks (see ``EquiFlexEncoder.run_local_blocks``). Measured on
 CPU (``benchmarks/bench_attention.py``), 4x4 tiles with blocks of 16 beat every row-major block
 size from 28x28 to 96x96 tokens; on CUDA the row-major layout with blocks of 128 stays the default
 until a GPU measurement says otherwise.

@@ -70,7 +70,155 @@ _COUNT_WORDS = {2: "two", 3: "three"}
 _AXES_WORDS = {2: "rows, columns", 3: "depth, rows, columns"}
 
 
-class EquiFlexEncoder(nn.Module):
+class _TokenEmbedding:
+    """Part of ``EquiFlexEncoder``: the token grid, the position embedding and the prefix tokens."""
+
+    def token_grid(self, *sizes: int) -> tuple[int, ...]:
+        """The token grid of an input with spatial ``sizes`` (one per axis), or an error naming the fix."""
+        token = self.token_size
+        if any(size % t for size, t in zip(sizes, token)):
+            label = self.patch_size if _is_int(self.patch_size) else "x".join(map(str, token))
+            each = "" if _is_int(self.patch_size) else " on each axis"
+            raise ValueError(
+                f"input size {tuple(sizes)} is not divisible by the token size {label}; pad or crop "
+                f"to a multiple of {label}{each} (in nnU-Net: re-plan with the EquiFlex planner or pick a patch "
+                f"size that is a multiple of {label})"
+            )
+        check_grid_supported(self.group, *sizes)
+        return tuple(size // t for size, t in zip(sizes, token))
+
+    def interpolated_pos_embed(self, grid: tuple[int, ...]) -> torch.Tensor:
+        """Position embedding resampled to ``grid`` (bicubic in 2D, trilinear in 3D; identity on the native grid)."""
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        if tuple(grid) != self.pos_embed_grid:
+            mode = POS_EMBED_MODES[self.spatial_dims]
+            patch_pos = patch_pos.reshape(1, *self.pos_embed_grid, -1).movedim(-1, 1)
+            patch_pos = F.interpolate(patch_pos, size=tuple(grid), mode=mode, align_corners=False)
+            patch_pos = patch_pos.movedim(1, -1).flatten(1, self.spatial_dims)
+        return torch.cat([cls_pos, patch_pos], dim=1)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        grid = tuple(size // t for size, t in zip(x.shape[2:], self.token_size))
+        return self.add_prefix_and_position(self.patch_embed(x), self.interpolated_pos_embed(grid))
+
+    def add_prefix_and_position(self, tokens: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
+        """Patch tokens ``(B, h*w, D)`` -> CLS, registers and patches, plus ``pos_embed`` (CLS first)."""
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+        tokens = torch.cat([cls, tokens], dim=1) + pos_embed
+        if self.reg_token is None:
+            return tokens
+        registers = self.reg_token.expand(tokens.shape[0], -1, -1)
+        return torch.cat([tokens[:, :1], registers, tokens[:, 1:]], dim=1)
+
+
+class _Lifting:
+    """Part of ``EquiFlexEncoder``: steps 1 and 2 of the module docstring (lifting, pooling, folding)."""
+
+    @property
+    def lifting_is_linear(self) -> bool:
+        """Mean pooling with no lifted block: the lifting is one linear map (see the module docstring)."""
+        return self.group_pooling == "mean" and self.n_lifted_blocks == 0 and len(self.elements) > 1
+
+    def lift_and_pool(self, x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        """Steps 1 and 2: the lifted blocks on all ``g(x)`` in one batch, then ``pool_g g^-1``."""
+        if self.fold_linear_lifting and self.lifting_is_linear:
+            return self.folded_lifting(x, grid)
+        tokens = self.embed_copies(x, grid)
+        tokens = self.run_blocks(tokens, grid, 0, self.n_lifted_blocks)
+        return self.pool(tokens, x.shape[0], grid)
+
+    def embed_copies(self, x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        """Embedded tokens of every ``g(x)``, stacked along the batch in the order of ``elements``."""
+        # All copies have x's shape (D4 is only allowed on squares), so they share one pass.
+        if isinstance(self.patch_embed, GMRPatchEmbed):
+            # GMR commutes with D4: P(g x) = g P(x), so embed once and move the tokens (|G| times cheaper).
+            patches = self.patch_embed(x)
+            moved = torch.cat([g.apply_to_tokens(patches, grid) for g in self.elements], dim=0)
+            return self.add_prefix_and_position(moved, self.interpolated_pos_embed(grid))
+        return self.embed(torch.cat([g.apply(x) for g in self.elements], dim=0))
+
+    def pool(self, tokens: torch.Tensor, batch: int, grid: tuple[int, ...]) -> torch.Tensor:
+        """``pool_g g^-1`` over the copies stacked along the batch."""
+        prefix = self.num_prefix_tokens
+        aligned = []
+        for g, t in zip(self.elements, tokens.split(batch, dim=0)):
+            patches = g.inverse().apply_to_tokens(t[:, prefix:], g.maps_grid(grid))
+            aligned.append(torch.cat([t[:, :prefix], patches], dim=1))
+        stacked = torch.stack(aligned, dim=0)
+        return stacked.amax(dim=0) if self.group_pooling == "max" else stacked.mean(dim=0)
+
+    def folded_lifting(self, x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        """The linear lifting in one pass: group-averaged filter and position embedding.
+
+        ``mean_g g^-1 embed(g x)`` is the embedding with the filter averaged over ``G`` (GMR
+        already commutes with ``G``), and ``mean_g g^-1 pos`` is the position embedding averaged
+        over the grid's images under ``G`` (the group is closed under inverses, so averaging
+        ``g`` or ``g^-1`` is the same); CLS and registers are the same in every copy."""
+        if isinstance(self.patch_embed, GMRPatchEmbed):
+            patches = self.patch_embed(x)
+        else:
+            patches = self.patch_embed.forward_symmetrised(x, self.elements)
+        pos = self.interpolated_pos_embed(grid)
+        patch_pos = torch.stack([g.apply_to_tokens(pos[:, 1:], grid) for g in self.elements]).mean(dim=0)
+        return self.add_prefix_and_position(patches, torch.cat([pos[:, :1], patch_pos], dim=1))
+
+
+class _Blocks:
+    """Part of ``EquiFlexEncoder``: the blocks after the embedding, global then local (step 3)."""
+
+    def local_dilations(self) -> list[int]:
+        """Window dilation of each local block: all ``window_dilation``, or dense/dilated alternating."""
+        n_local = len(self.blocks) - self.n_global_blocks
+        if not self.alternate_dilation:
+            return [self.window_dilation] * n_local
+        return [self.window_dilation if i % 2 else 1 for i in range(n_local)]
+
+    def set_flex_token_layout(self, layout: str) -> None:
+        if layout != "auto":
+            parse_token_layout(layout)  # raises, naming the choices
+        self.flex_token_layout = layout
+
+    def local_token_layout(self, device: torch.device, needs_grad: bool) -> tuple[str, int | None]:
+        """The local blocks' attention backend and, for flex, its tile size (None: row-major)."""
+        backend = resolve_backend(self.attention_backend, device, needs_grad)
+        if backend != "flex" or self.spatial_dims != 2:  # tiled layouts are 2D-only: 3D grids stay row-major
+            return backend, None
+        layout = self.flex_token_layout
+        return backend, parse_token_layout(default_token_layout(device) if layout == "auto" else layout)
+
+    def run_blocks(self, tokens: torch.Tensor, grid: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
+        """Blocks ``start..stop-1`` on tokens ``(N, prefix + h*w, D)``: global ones, then local ones."""
+        split = min(max(self.n_global_blocks, start), stop)
+        for block in self.blocks[start:split]:
+            tokens = block(tokens)
+        return self.run_local_blocks(tokens, grid, split, stop) if split < stop else tokens
+
+    def run_local_blocks(self, tokens: torch.Tensor, grid: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
+        """Local blocks ``start..stop-1``, with one mask per dilation looked up once.
+
+        With a tiled flex layout the tokens are permuted once into tile order, go through every
+        block of the run in that order (the blocks act per token except for attention, whose mask
+        is expressed in the same order) and are permuted back: the same function, cheaper blocks."""
+        needs_grad = torch.is_grad_enabled() and tokens.requires_grad
+        backend, tile = self.local_token_layout(tokens.device, needs_grad)
+        dilations = self.local_dilations()[start - self.n_global_blocks : stop - self.n_global_blocks]
+        masks = {
+            d: local_attention_mask(grid, self.window_radius, d, self.num_prefix_tokens, backend, tile, tokens.device)
+            for d in sorted(set(dilations))
+        }  # built once per geometry, looked up once per forward
+        if tile is not None:
+            order, inverse = cached_tiled_token_order(*grid, tile, self.num_prefix_tokens, tokens.device)
+            tokens = tokens[:, order]
+        for block, dilation in zip(self.blocks[start:stop], dilations):
+            tokens = block(tokens, masks[dilation])
+        return tokens if tile is None else tokens[:, inverse]
+
+    def forward_after_pooling(self, tokens: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        """Step 3: the blocks after the lifting, on pooled tokens ``(B, prefix + h*w, D)``."""
+        return self.run_blocks(tokens, grid, self.n_lifted_blocks, len(self.blocks))
+
+
+class EquiFlexEncoder(_TokenEmbedding, _Lifting, _Blocks, nn.Module):
     """ViT encoder, equivariant to ``group`` (see the module docstring for the argument)."""
 
     def __init__(
@@ -134,15 +282,24 @@ class EquiFlexEncoder(nn.Module):
         self.num_prefix_tokens = 1 + num_register_tokens  # CLS, then the registers
         self.fold_linear_lifting = True  # the same function either way; False runs the |G| copies explicitly
 
+        self._build_layers(
+            in_channels, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, norm_eps, drop_path_rate,
+            layer_scale_init, patch_embed, (gmr_kernel_sizes, gmr_rings, gmr_hidden_dim, gmr_strides),
+        )  # fmt: skip
+
+    def _build_layers(
+        self, in_channels, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, norm_eps, drop_path_rate,
+        layer_scale_init, patch_embed, gmr_options,
+    ) -> None:  # fmt: skip
+        """Patch embedding, CLS/register tokens, position embedding, blocks and norm, initialised."""
         if patch_embed == "gmr":
-            self.patch_embed = GMRPatchEmbed(
-                in_channels, embed_dim, self.token_size[0], gmr_kernel_sizes, gmr_rings, gmr_hidden_dim, gmr_strides
-            )
+            self.patch_embed = GMRPatchEmbed(in_channels, embed_dim, self.token_size[0], *gmr_options)
         else:
-            self.patch_embed = PatchEmbed(in_channels, embed_dim, self.patch_size, spatial_dims)
+            self.patch_embed = PatchEmbed(in_channels, embed_dim, self.patch_size, self.spatial_dims)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # Registers have no position embedding entry (as in DINOv2); None keeps the state dict unchanged.
-        self.reg_token = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
+        n_registers = self.num_register_tokens
+        self.reg_token = nn.Parameter(torch.zeros(1, n_registers, embed_dim)) if n_registers else None
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + math.prod(self.pos_embed_grid), embed_dim))
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # also under a meta device
         self.blocks = nn.ModuleList(
@@ -154,148 +311,6 @@ class EquiFlexEncoder(nn.Module):
         if self.reg_token is not None:
             nn.init.normal_(self.reg_token, std=1e-6)
         self.apply(init_weights)
-
-    # -- embedding ------------------------------------------------------------------------------------------
-
-    def token_grid(self, *sizes: int) -> tuple[int, ...]:
-        """The token grid of an input with spatial ``sizes`` (one per axis), or an error naming the fix."""
-        token = self.token_size
-        if any(size % t for size, t in zip(sizes, token)):
-            label = self.patch_size if _is_int(self.patch_size) else "x".join(map(str, token))
-            each = "" if _is_int(self.patch_size) else " on each axis"
-            raise ValueError(
-                f"input size {tuple(sizes)} is not divisible by the token size {label}; pad or crop "
-                f"to a multiple of {label}{each} (in nnU-Net: re-plan with the EquiFlex planner or pick a patch "
-                f"size that is a multiple of {label})"
-            )
-        check_grid_supported(self.group, *sizes)
-        return tuple(size // t for size, t in zip(sizes, token))
-
-    def interpolated_pos_embed(self, grid: tuple[int, ...]) -> torch.Tensor:
-        """Position embedding resampled to ``grid`` (bicubic in 2D, trilinear in 3D; identity on the native grid)."""
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        if tuple(grid) != self.pos_embed_grid:
-            mode = POS_EMBED_MODES[self.spatial_dims]
-            patch_pos = patch_pos.reshape(1, *self.pos_embed_grid, -1).movedim(-1, 1)
-            patch_pos = F.interpolate(patch_pos, size=tuple(grid), mode=mode, align_corners=False)
-            patch_pos = patch_pos.movedim(1, -1).flatten(1, self.spatial_dims)
-        return torch.cat([cls_pos, patch_pos], dim=1)
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        grid = tuple(size // t for size, t in zip(x.shape[2:], self.token_size))
-        return self.add_prefix_and_position(self.patch_embed(x), self.interpolated_pos_embed(grid))
-
-    def add_prefix_and_position(self, tokens: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
-        """Patch tokens ``(B, h*w, D)`` -> CLS, registers and patches, plus ``pos_embed`` (CLS first)."""
-        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
-        tokens = torch.cat([cls, tokens], dim=1) + pos_embed
-        if self.reg_token is None:
-            return tokens
-        registers = self.reg_token.expand(tokens.shape[0], -1, -1)
-        return torch.cat([tokens[:, :1], registers, tokens[:, 1:]], dim=1)
-
-    # -- lifting and pooling --------------------------------------------------------------------------------
-
-    @property
-    def lifting_is_linear(self) -> bool:
-        """Mean pooling with no lifted block: the lifting is one linear map (see the module docstring)."""
-        return self.group_pooling == "mean" and self.n_lifted_blocks == 0 and len(self.elements) > 1
-
-    def lift_and_pool(self, x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
-        """Steps 1 and 2: the lifted blocks on all ``g(x)`` in one batch, then ``pool_g g^-1``."""
-        if self.fold_linear_lifting and self.lifting_is_linear:
-            return self.folded_lifting(x, grid)
-        tokens = self.embed_copies(x, grid)
-        tokens = self.run_blocks(tokens, grid, 0, self.n_lifted_blocks)
-        return self.pool(tokens, x.shape[0], grid)
-
-    def embed_copies(self, x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
-        """Embedded tokens of every ``g(x)``, stacked along the batch in the order of ``elements``."""
-        # All copies have x's shape (D4 is only allowed on squares), so they share one pass.
-        if isinstance(self.patch_embed, GMRPatchEmbed):
-            # GMR commutes with D4: P(g x) = g P(x), so embed once and move the tokens (|G| times cheaper).
-            patches = self.patch_embed(x)
-            moved = torch.cat([g.apply_to_tokens(patches, grid) for g in self.elements], dim=0)
-            return self.add_prefix_and_position(moved, self.interpolated_pos_embed(grid))
-        return self.embed(torch.cat([g.apply(x) for g in self.elements], dim=0))
-
-    def pool(self, tokens: torch.Tensor, batch: int, grid: tuple[int, ...]) -> torch.Tensor:
-        """``pool_g g^-1`` over the copies stacked along the batch."""
-        prefix = self.num_prefix_tokens
-        aligned = []
-        for g, t in zip(self.elements, tokens.split(batch, dim=0)):
-            patches = g.inverse().apply_to_tokens(t[:, prefix:], g.maps_grid(grid))
-            aligned.append(torch.cat([t[:, :prefix], patches], dim=1))
-        stacked = torch.stack(aligned, dim=0)
-        return stacked.amax(dim=0) if self.group_pooling == "max" else stacked.mean(dim=0)
-
-    def folded_lifting(self, x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
-        """The linear lifting in one pass: group-averaged filter and position embedding.
-
-        ``mean_g g^-1 embed(g x)`` is the embedding with the filter averaged over ``G`` (GMR
-        already commutes with ``G``), and ``mean_g g^-1 pos`` is the position embedding averaged
-        over the grid's images under ``G`` (the group is closed under inverses, so averaging
-        ``g`` or ``g^-1`` is the same); CLS and registers are the same in every copy."""
-        if isinstance(self.patch_embed, GMRPatchEmbed):
-            patches = self.patch_embed(x)
-        else:
-            patches = self.patch_embed.forward_symmetrised(x, self.elements)
-        pos = self.interpolated_pos_embed(grid)
-        patch_pos = torch.stack([g.apply_to_tokens(pos[:, 1:], grid) for g in self.elements]).mean(dim=0)
-        return self.add_prefix_and_position(patches, torch.cat([pos[:, :1], patch_pos], dim=1))
-
-    # -- blocks ---------------------------------------------------------------------------------------------
-
-    def local_dilations(self) -> list[int]:
-        """Window dilation of each local block: all ``window_dilation``, or dense/dilated alternating."""
-        n_local = len(self.blocks) - self.n_global_blocks
-        if not self.alternate_dilation:
-            return [self.window_dilation] * n_local
-        return [self.window_dilation if i % 2 else 1 for i in range(n_local)]
-
-    def set_flex_token_layout(self, layout: str) -> None:
-        if layout != "auto":
-            parse_token_layout(layout)  # raises, naming the choices
-        self.flex_token_layout = layout
-
-    def local_token_layout(self, device: torch.device, needs_grad: bool) -> tuple[str, int | None]:
-        """The local blocks' attention backend and, for flex, its tile size (None: row-major)."""
-        backend = resolve_backend(self.attention_backend, device, needs_grad)
-        if backend != "flex" or self.spatial_dims != 2:  # tiled layouts are 2D-only: 3D grids stay row-major
-            return backend, None
-        layout = self.flex_token_layout
-        return backend, parse_token_layout(default_token_layout(device) if layout == "auto" else layout)
-
-    def run_blocks(self, tokens: torch.Tensor, grid: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
-        """Blocks ``start..stop-1`` on tokens ``(N, prefix + h*w, D)``: global ones, then local ones."""
-        split = min(max(self.n_global_blocks, start), stop)
-        for block in self.blocks[start:split]:
-            tokens = block(tokens)
-        return self.run_local_blocks(tokens, grid, split, stop) if split < stop else tokens
-
-    def run_local_blocks(self, tokens: torch.Tensor, grid: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
-        """Local blocks ``start..stop-1``, with one mask per dilation looked up once.
-
-        With a tiled flex layout the tokens are permuted once into tile order, go through every
-        block of the run in that order (the blocks act per token except for attention, whose mask
-        is expressed in the same order) and are permuted back: the same function, cheaper blocks."""
-        needs_grad = torch.is_grad_enabled() and tokens.requires_grad
-        backend, tile = self.local_token_layout(tokens.device, needs_grad)
-        dilations = self.local_dilations()[start - self.n_global_blocks : stop - self.n_global_blocks]
-        masks = {
-            d: local_attention_mask(grid, self.window_radius, d, self.num_prefix_tokens, backend, tile, tokens.device)
-            for d in sorted(set(dilations))
-        }  # built once per geometry, looked up once per forward
-        if tile is not None:
-            order, inverse = cached_tiled_token_order(*grid, tile, self.num_prefix_tokens, tokens.device)
-            tokens = tokens[:, order]
-        for block, dilation in zip(self.blocks[start:stop], dilations):
-            tokens = block(tokens, masks[dilation])
-        return tokens if tile is None else tokens[:, inverse]
-
-    def forward_after_pooling(self, tokens: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
-        """Step 3: the blocks after the lifting, on pooled tokens ``(B, prefix + h*w, D)``."""
-        return self.run_blocks(tokens, grid, self.n_lifted_blocks, len(self.blocks))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Return normalised tokens ``(B, 1 + prod(grid), D)`` (CLS first) and the token grid (one size per axis)."""
