@@ -166,6 +166,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--3d", dest="three_d", action="store_true", help="3d_fullres: 3D presets vs the 3D CNN")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int)
+    parser.add_argument("--num-cases", type=int, help="time only the first N cases (a 3D case takes minutes on CPU)")
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="untimed calls per row before timing (compiled windows compile there)"
+    )
     parser.add_argument(
         "--presets", nargs="+", choices=[*PRESETS, *PRESETS_3D], help=f"EquiFlex rows (default "
         f"{' '.join(TIMED_PRESETS)}, with --3d {' '.join(TIMED_PRESETS_3D)}; --quick: the default preset and tiny)",
@@ -220,12 +224,12 @@ def preset_gflops(preset: str, patch: tuple[int, ...]) -> float:
     return network_forward_flops(network, patch)["total"] / 1e9
 
 
-def time_case(rows: dict, shape: tuple[int, ...], spacing, device: torch.device, repeats: int, rng) -> dict[str, float]:
+def time_case(rows: dict, shape: tuple[int, ...], spacing, device: torch.device, repeats: int, rng, warmup: int = 1):
     """Prints the table of one case; returns each EquiFlex preset's speed-up against the CNN with TTA."""
     image = rng.standard_normal((IN_CHANNELS, *shape)).astype(np.float32)
     properties = {"spacing": list(spacing)}  # the plan's own spacing: no resampling
     calls = {name: (lambda p=p, i=image: p.predict_single_npy_array(i, properties)) for name, (p, _, _) in rows.items()}
-    timings = measure_interleaved(calls, device, repeats)
+    timings = measure_interleaved(calls, device, repeats, warmup)
     baseline_s = timings[next(iter(timings))].median_s
     table_rows, speedups = [], {}
     for name, (predictor, passes, preset) in rows.items():
@@ -278,6 +282,7 @@ def main() -> None:
     args = parse_args()
     device = pick_device(args.device)
     patch, cases, repeats = run_setup(args)
+    cases = cases[: args.num_cases] if args.num_cases else cases
     allow_many_compiles()
     print_header("End-to-end prediction per case through nnU-Net's predictor", device)
     spacing = SPACING_3D if len(patch) == 3 else (1.0, 1.0)
@@ -295,13 +300,13 @@ def main() -> None:
     )
     print(
         "timed: predict_single_npy_array (preprocess + sliding window + resample + argmax), "
-        f"median of {repeats}, rows timed round-robin"
+        f"median of {repeats} after {args.warmup} warm-up call(s) per row, rows timed round-robin"
     )
     print()
     rows = build_predictors(plans, architecture, args.presets, patch, device)
     rng = np.random.default_rng(0)
     case_spacing = SPACING_3D if len(patch) == 3 else (10.0, 1.0, 1.0)
-    verdicts = [(shape, time_case(rows, shape, case_spacing, device, repeats, rng)) for shape in cases]
+    verdicts = [(shape, time_case(rows, shape, case_spacing, device, repeats, rng, args.warmup)) for shape in cases]
     print_targets(verdicts, args.default, args.presets, patch)
 
 

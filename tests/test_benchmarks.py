@@ -63,7 +63,8 @@ def test_inference_benchmark_runs():
 
 
 def test_inference_benchmark_runs_3d_fullres_against_the_8_pass_cnn():
-    out = run_benchmark("bench_inference.py", "--3d", "--quick", "--repeats", "1")
+    out = run_benchmark("bench_inference.py", "--3d", "--quick", "--repeats", "1", "--warmup", "2")
+    assert "median of 1 after 2 warm-up call(s) per row" in out
     assert "3d_fullres plan: patch 16x64x64, spacing 3.0x1.0x1.0" in out and "TTA 8 passes" in out
     assert "## case 20x72x72" in out and "| EquiFlex vit_s8_3d, 1 pass" in out and "| EquiFlex tiny3d, 1 pass" in out
     assert "x 8 " in out.split("CNN + mirroring TTA (nnU-Net default)")[1].splitlines()[0]  # tiles x 8 passes
