@@ -23,8 +23,14 @@ rule: the fastest EquiFlex preset whose mean Dice is within 1 point of the CNN w
 step leaves a marker; a rerun resumes (``--timing-only`` repeats just the timing, e.g. on an idle
 machine).
 
+``--3d`` runs the same steps for ``3d_fullres`` on the 3D demo volumes (``synthetic_volumes``):
+nnU-Net's 3D CNN (with its 8-pass TTA and without) against ``vit_s8_3d``, ``vit_ti8_3d`` and
+``tiny3d``; flip consistency over all 7 non-identity flips of a volume.
+
     python benchmarks/frontier.py WORK                 # the README's run (hours on 2 CPU cores)
     python benchmarks/frontier.py WORK --quick         # tiny data, tiny budget, tiny preset: a smoke run
+    python benchmarks/frontier.py WORK3D --3d          # 3d_fullres: 24 / 6 volumes, 10 x 40 iterations
+    python benchmarks/frontier.py WORK3D --3d --quick  # 3D smoke run: CNN and tiny3d
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import argparse
 import contextlib
 import copy
 import csv
+import dataclasses
 import functools
 import io
 import json
@@ -49,39 +56,96 @@ from frontier_records import data_digest, load_records, make_record, untrained_m
 
 from nnunet_equiflex.main_job import TRAINING_PROGRESS, Steps, job_env, run_logged
 
-DATASET_ID, DATASET_NAME = 902, "Dataset902_SyntheticCardiacHard"
-# (label, trainer without the _budget suffix, plans); the CNN first: it is the baseline
-NETWORKS = [
-    ("nnU-Net CNN", "nnUNetTrainer", "nnUNetPlans"),
-    ("EquiFlex vit_s8 (4 lifted, 4 global)", "EquiFlexTrainerViTS8", "EquiFlexPlans"),
-    ("EquiFlex vit_s8_flip2", "EquiFlexTrainerFlip2", "EquiFlexPlans"),
-    ("EquiFlex vit_s8_flip0", "EquiFlexTrainerFlip0", "EquiFlexPlans"),
-    ("EquiFlex vit_ti8", "EquiFlexTrainerViTTi8", "EquiFlexPlans"),
-    ("EquiFlex tiny", "EquiFlexTrainerTiny", "EquiFlexPlans"),
-    ("ViT-S/8 flip0, group none", "FlexTrainerFlip0", "EquiFlexPlans"),
-]
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """One frontier: the dataset, the nnU-Net configuration and the networks compared on it."""
+
+    configuration: str
+    dataset_id: int
+    dataset_name: str
+    networks: list[tuple[str, str, str]]  # (label, trainer without the _budget suffix, plans); the CNN first
+    settings: dict[str, dict]  # "default" and "quick": data size, budget, timing repeats
+    quick_networks: tuple[str, ...]
+    cases: str  # what a case is, for the header
+
+    def generate(self, raw: str, settings: dict) -> None:
+        if self.configuration == "2d":
+            from nnunet_equiflex.dataset_conversion.synthetic_cardiac import generate_synthetic_cardiac
+
+            generate_synthetic_cardiac(
+                raw, self.dataset_id, settings["num_train"], settings["num_test"], seed=0,
+                size_range=tuple(settings["size_range"]), overwrite=True, name="SyntheticCardiacHard",
+                difficulty="hard",
+            )  # fmt: skip
+        else:
+            from nnunet_equiflex.dataset_conversion.synthetic_volumes import generate_synthetic_volumes
+
+            generate_synthetic_volumes(raw, self.dataset_id, settings["num_train"], settings["num_test"], seed=0,
+                                       overwrite=True, name="SyntheticVolumesFrontier")  # fmt: skip
+
+
+PROFILE_2D = Profile(
+    configuration="2d",
+    dataset_id=902,
+    dataset_name="Dataset902_SyntheticCardiacHard",
+    networks=[
+        ("nnU-Net CNN", "nnUNetTrainer", "nnUNetPlans"),
+        ("EquiFlex vit_s8 (4 lifted, 4 global)", "EquiFlexTrainerViTS8", "EquiFlexPlans"),
+        ("EquiFlex vit_s8_flip2", "EquiFlexTrainerFlip2", "EquiFlexPlans"),
+        ("EquiFlex vit_s8_flip0", "EquiFlexTrainerFlip0", "EquiFlexPlans"),
+        ("EquiFlex vit_ti8", "EquiFlexTrainerViTTi8", "EquiFlexPlans"),
+        ("EquiFlex tiny", "EquiFlexTrainerTiny", "EquiFlexPlans"),
+        ("ViT-S/8 flip0, group none", "FlexTrainerFlip0", "EquiFlexPlans"),
+    ],
+    settings={
+        "default": dict(num_train=200, num_test=30, size_range=[96, 128], budget=[12, 50, 5], repeats=3),
+        "quick": dict(num_train=16, num_test=4, size_range=[64, 72], budget=[2, 4, 2], repeats=1),
+    },
+    quick_networks=("nnUNetTrainer", "EquiFlexTrainerTiny"),
+    cases="slices of {size_range[0]}-{size_range[1]} px (synthetic_cardiac --difficulty hard)",
+)
+# 3d_fullres on the 3D demo volumes (thick 3 mm slices, about 16-20 x 40-48 x 40-48 voxels)
+PROFILE_3D = Profile(
+    configuration="3d_fullres",
+    dataset_id=906,
+    dataset_name="Dataset906_SyntheticVolumesFrontier",
+    networks=[
+        ("nnU-Net CNN", "nnUNetTrainer", "nnUNetPlans"),
+        ("EquiFlex vit_s8_3d", "EquiFlexTrainerViTS8_3D", "EquiFlexPlans"),
+        ("EquiFlex vit_ti8_3d", "EquiFlexTrainerViTTi8_3D", "EquiFlexPlans"),
+        ("EquiFlex tiny3d", "EquiFlexTrainerTiny3D", "EquiFlexPlans"),
+    ],
+    settings={
+        "default": dict(num_train=24, num_test=6, budget=[10, 40, 5], repeats=3, configuration="3d_fullres"),
+        "quick": dict(num_train=6, num_test=1, budget=[2, 4, 2], repeats=1, configuration="3d_fullres"),
+    },
+    quick_networks=("nnUNetTrainer", "EquiFlexTrainerTiny3D"),
+    cases="volumes of 16-20 x 40-48 x 40-48 voxels at 3 x 1 x 1 mm (synthetic_volumes)",
+)
 PRESET_OF_TRAINER = {
     "EquiFlexTrainerViTS8": "vit_s8",
     "EquiFlexTrainerFlip2": "vit_s8_flip2",
     "EquiFlexTrainerFlip0": "vit_s8_flip0",
     "EquiFlexTrainerViTTi8": "vit_ti8",
     "EquiFlexTrainerTiny": "tiny",
+    "EquiFlexTrainerViTS8_3D": "vit_s8_3d",
+    "EquiFlexTrainerViTTi8_3D": "vit_ti8_3d",
+    "EquiFlexTrainerTiny3D": "tiny3d",
 }
-SETTINGS = {
-    "default": dict(num_train=200, num_test=30, size_range=[96, 128], budget=[12, 50, 5], repeats=3),
-    "quick": dict(num_train=16, num_test=4, size_range=[64, 72], budget=[2, 4, 2], repeats=1),
-}
-QUICK_NETWORKS = ("nnUNetTrainer", "EquiFlexTrainerTiny")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("work_dir", help="work folder (nnU-Net folders, logs, outputs); a rerun resumes")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data and budget, CNN and tiny only")
-    parser.add_argument("--epochs", type=int, help="training epochs (default 12)")
-    parser.add_argument("--iterations", type=int, help="training iterations per epoch (default 50)")
     parser.add_argument(
-        "--networks", nargs="*", help="trainer names to include, trained in this order (default: all of NETWORKS)"
+        "--3d", dest="three_d", action="store_true", help="3d_fullres on synthetic volumes: 3D presets vs the 3D CNN"
+    )
+    parser.add_argument("--epochs", type=int, help="training epochs (default 12; 3D 10)")
+    parser.add_argument("--iterations", type=int, help="training iterations per epoch (default 50; 3D 40)")
+    parser.add_argument(
+        "--networks", nargs="*", help="trainer names to include, trained in this order (default: all of the profile)"
     )
     parser.add_argument("--repeats", type=int, help="timing repeats per row (median)")
     parser.add_argument("--timing-only", action="store_true", help="redo only the timing and the table")
@@ -101,18 +165,22 @@ def parse_args() -> argparse.Namespace:
 
 
 def run_settings(args: argparse.Namespace) -> dict:
-    settings = dict(SETTINGS["quick" if args.quick else "default"])
+    """The run's settings; ``settings["profile"]`` (2D or 3D) is not saved: the other keys tell the runs apart."""
+    profile = PROFILE_3D if args.three_d else PROFILE_2D
+    settings = dict(profile.settings["quick" if args.quick else "default"])
     budget = list(settings["budget"])
     budget[0] = args.epochs or budget[0]
     budget[1] = args.iterations or budget[1]
     settings["budget"] = budget
     settings["repeats"] = args.repeats or settings["repeats"]
-    names = args.networks or (QUICK_NETWORKS if args.quick else [t for _, t, _ in NETWORKS])
-    unknown = sorted(set(names) - {t for _, t, _ in NETWORKS})
+    known = [t for _, t, _ in profile.networks]
+    names = args.networks or (profile.quick_networks if args.quick else known)
+    unknown = sorted(set(names) - set(known))
     if unknown:
-        raise SystemExit(f"unknown trainers {unknown}; choose from {[t for _, t, _ in NETWORKS]}")
-    settings["networks"] = [n for n in NETWORKS if n[1] in names]  # the table's order
+        raise SystemExit(f"unknown trainers {unknown}; choose from {known}")
+    settings["networks"] = [n for n in profile.networks if n[1] in names]  # the table's order
     settings["training_order"] = list(names)
+    settings["profile"] = profile
     return settings
 
 
@@ -122,8 +190,8 @@ def require_cnn(networks: list[tuple[str, str, str]]) -> None:
                          "ratio's baseline")  # fmt: skip
 
 
-def spec(trainer: str, plans: str) -> str:
-    return f"{trainer}_budget__{plans}__2d"
+def spec(trainer: str, plans: str, configuration: str) -> str:
+    return f"{trainer}_budget__{plans}__{configuration}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -133,45 +201,36 @@ def spec(trainer: str, plans: str) -> str:
 def prepare(work: Path, settings: dict, env: dict, steps: Steps) -> None:
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    dataset = str(DATASET_ID)
-
-    def generate() -> None:
-        from nnunet_equiflex.dataset_conversion.synthetic_cardiac import generate_synthetic_cardiac
-
-        generate_synthetic_cardiac(
-            env["nnUNet_raw"], DATASET_ID, settings["num_train"], settings["num_test"], seed=0,
-            size_range=tuple(settings["size_range"]), overwrite=True, name="SyntheticCardiacHard", difficulty="hard",
-        )  # fmt: skip
-
-    steps.run("dataset", generate)
+    profile = settings["profile"]
+    dataset, configuration = str(profile.dataset_id), profile.configuration
+    steps.run("dataset", lambda: profile.generate(env["nnUNet_raw"], settings))
     steps.run(
         "plan_and_preprocess",
         lambda: run_logged(
-            ["nnUNetv2_plan_and_preprocess", "-d", dataset, "-c", "2d", "-np", "2"],
+            ["nnUNetv2_plan_and_preprocess", "-d", dataset, "-c", configuration, "-np", "2"],
             env,
             logs / "plan_and_preprocess.txt",
             show=lambda line: "%|" not in line and len(line) < 200,
         ),  # fmt: skip
     )
-    cnn_batch = str(load_plans(env, "nnUNetPlans")["configurations"]["2d"]["batch_size"])
-    steps.run(
-        "plan_equiflex",
-        lambda: run_logged(
-            ["nnunet-equiflex", "plan", "-d", dataset, "--batch-size", cnn_batch, "--overwrite"], env, logs / "plan.txt"
-        ),
-    )
+    cnn_batch = str(load_plans(env, "nnUNetPlans", profile)["configurations"][configuration]["batch_size"])
+    plan = ["nnunet-equiflex", "plan", "-d", dataset, "--batch-size", cnn_batch, "--overwrite"]
+    plan += ["-c", configuration] if configuration != "2d" else []
+    steps.run("plan_equiflex", lambda: run_logged(plan, env, logs / "plan.txt"))
 
 
 def train(work: Path, settings: dict, env: dict, steps: Steps, device: str, trainers: list[str]) -> None:
-    dataset, logs = str(DATASET_ID), work / "logs"
-    results = Path(env["nnUNet_results"]) / DATASET_NAME
-    plans_of = {t: p for _, t, p in NETWORKS}
+    profile, logs = settings["profile"], work / "logs"
+    dataset, configuration = str(profile.dataset_id), profile.configuration
+    results = Path(env["nnUNet_results"]) / profile.dataset_name
+    plans_of = {t: p for _, t, p in profile.networks}
     for trainer in trainers:
         plans = plans_of[trainer]
-        fold_dir = results / spec(trainer, plans) / "fold_0"
+        fold_dir = results / spec(trainer, plans, configuration) / "fold_0"
 
         def train(trainer=trainer, plans=plans, fold_dir=fold_dir) -> None:
-            args = ["nnUNetv2_train", dataset, "2d", "0", "-tr", f"{trainer}_budget", "-p", plans, "-device", device]
+            args = ["nnUNetv2_train", dataset, configuration, "0", "-tr", f"{trainer}_budget", "-p", plans]
+            args += ["-device", device]
             if (fold_dir / "checkpoint_latest.pth").is_file():
                 args.append("--c")  # resume an interrupted training
             show = lambda line: bool(TRAINING_PROGRESS.search(line))  # noqa: E731
@@ -180,31 +239,31 @@ def train(work: Path, settings: dict, env: dict, steps: Steps, device: str, trai
         steps.run(f"train_{trainer}", train)
 
 
-def load_plans(env: dict, plans: str) -> dict:
-    return json.loads((Path(env["nnUNet_preprocessed"]) / DATASET_NAME / f"{plans}.json").read_text())
+def load_plans(env: dict, plans: str, profile: Profile) -> dict:
+    return json.loads((Path(env["nnUNet_preprocessed"]) / profile.dataset_name / f"{plans}.json").read_text())
 
 
-def evaluate(work: Path, env: dict, steps: Steps, device: str, networks: list[tuple[str, str, str]]) -> None:
-    """``compare`` of the networks trained in this folder on the test slices (``work/compare``)."""
-    raw = Path(env["nnUNet_raw"]) / DATASET_NAME
-    specs = [spec(t, p) for _, t, p in networks]
+def evaluate(work: Path, profile: Profile, env: dict, steps: Steps, device: str, networks: list) -> None:
+    """``compare`` of the networks trained in this folder on the test cases (``work/compare``)."""
+    raw = Path(env["nnUNet_raw"]) / profile.dataset_name
+    specs = [spec(t, p, profile.configuration) for _, t, p in networks]
 
     def compare_step() -> None:
-        args = ["nnunet-equiflex", "compare", "-d", str(DATASET_ID), "-r", *specs, "-f", "0"]
+        args = ["nnunet-equiflex", "compare", "-d", str(profile.dataset_id), "-r", *specs, "-f", "0"]
         args += ["-i", str(raw / "imagesTs"), "-l", str(raw / "labelsTs"), "-o", str(work / "compare")]
         args += ["--overwrite", "--device", device]
         run_logged(args, env, work / "logs" / "compare.txt", show=lambda line: not line.startswith("|"))
 
-    subset = "" if len(specs) == len(NETWORKS) else "_" + "_".join(t for _, t, _ in networks)
+    subset = "" if len(specs) == len(profile.networks) else "_" + "_".join(t for _, t, _ in networks)
     steps.run(f"compare{subset}", compare_step)
 
 
-def record_trained(work: Path, env: dict, saved: dict, digest: str, folder: Path, networks) -> None:
+def record_trained(work: Path, profile: Profile, env: dict, saved: dict, digest: str, folder: Path, networks) -> None:
     """One record per network trained here: its compare rows and the epoch time of its training log."""
     rows = json.loads((work / "compare" / "results.json").read_text())["rows"]
-    results = Path(env["nnUNet_results"]) / DATASET_NAME
+    results = Path(env["nnUNet_results"]) / profile.dataset_name
     for _, trainer, plans in networks:
-        name = spec(trainer, plans)
+        name = spec(trainer, plans, profile.configuration)
         own = [r for r in rows if r["spec"] == name]
         epoch_s = training_log_seconds_per_epoch(results / name)
         path = write_record(folder, make_record(saved, digest, trainer, name, own, epoch_s))
@@ -256,11 +315,16 @@ def training_step(predictor, device: torch.device):
         optimizer.zero_grad(set_to_none=True)
         outs = network(x)
         outs = outs if isinstance(outs, (list, tuple)) else [outs]
-        loss = sum(F.cross_entropy(o, target[:, :: patch[0] // o.shape[-2], :: patch[1] // o.shape[-1]]) for o in outs)
+        loss = sum(F.cross_entropy(o, target[downsampled(patch, o.shape[2:])]) for o in outs)
         loss.backward()
         optimizer.step()
 
     return step
+
+
+def downsampled(patch: tuple[int, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """The index that subsamples a (batch, *patch) target to a deep-supervision output's grid, on every axis."""
+    return (slice(None), *(slice(None, None, p // n) for p, n in zip(patch, shape)))
 
 
 def measure_round_robin(calls: dict, repeats: int) -> dict[str, float]:
@@ -281,8 +345,8 @@ def timing(settings: dict, env: dict, device: torch.device, model_dirs: dict[str
     ``model_dirs``: each network's model folder (trained here, or an untrained copy of a recorded one)."""
     from nnunet_equiflex.compare import count_flops
 
-    raw = Path(env["nnUNet_raw"]) / DATASET_NAME
-    cases = test_cases(raw)
+    profile = settings["profile"]
+    cases = test_cases(Path(env["nnUNet_raw"]) / profile.dataset_name)
     predict_calls, step_calls, info = {}, {}, {}
     for label, trainer, plans in settings["networks"]:
         model_dir = model_dirs[trainer]
@@ -299,7 +363,8 @@ def timing(settings: dict, env: dict, device: torch.device, model_dirs: dict[str
             with contextlib.redirect_stdout(io.StringIO()):
                 row_predictor = trained_predictor(model_dir, use_mirroring, device) if use_mirroring else predictor
             predict_calls[row] = functools.partial(predict_cases, row_predictor, cases)
-            info[row] = dict(trainer=trainer, spec=spec(trainer, plans), use_mirroring=use_mirroring, passes=passes,
+            name = spec(trainer, plans, profile.configuration)
+            info[row] = dict(trainer=trainer, spec=name, use_mirroring=use_mirroring, passes=passes,
                              gflops_per_tile=flops * passes / 1e9, params=params, patch=list(patch),
                              batch=predictor.configuration_manager.batch_size)  # fmt: skip
         step_calls[label] = training_step(predictor, device)
@@ -417,9 +482,12 @@ def chart(path: Path, table: list[dict]) -> None:
         ax.annotate(r["row"], (r["seconds_per_case"], r["dice_mean"]), fontsize=7, xytext=(4, 3),
                     textcoords="offset points")  # fmt: skip
     baseline = cnn_tta_row(table)
-    ax.axhline(baseline["dice_mean"] - 0.01, color="grey", linestyle=":", linewidth=1)
-    ax.text(ax.get_xlim()[0], baseline["dice_mean"] - 0.01, " CNN+TTA - 1 point", fontsize=7, va="bottom")
     ax.set_xscale("log")
+    seconds = [r["seconds_per_case"] for r in table]
+    ax.set_xlim(min(seconds) / 1.5, max(seconds) * 4)  # room for the labels right of the points
+    ax.axhline(baseline["dice_mean"] - 0.01, color="grey", linestyle=":", linewidth=1)
+    ax.text(0.01, baseline["dice_mean"] - 0.01, "CNN+TTA - 1 point", fontsize=7, va="bottom",
+            transform=ax.get_yaxis_transform())  # fmt: skip
     ax.set_xlabel("seconds per case through nnU-Net's predictor (log scale)")
     ax.set_ylabel("mean Dice (foreground classes)")
     ax.set_title("Dice-cost frontier: EquiFlex presets vs nnU-Net's CNN (same budget, fold 0)")
@@ -455,7 +523,7 @@ def open_work_folder(work: Path, settings: dict) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     (work / ".steps").mkdir(exist_ok=True)
     record = work / "settings.json"
-    saved = {k: v for k, v in settings.items() if k not in ("repeats", "networks", "training_order")}
+    saved = {k: v for k, v in settings.items() if k not in ("repeats", "networks", "training_order", "profile")}
     recorded = json.loads(record.read_text()) if record.is_file() else None
     if recorded is not None:
         recorded = {k: v for k, v in recorded.items() if k != "networks"}  # older records listed the networks
@@ -474,13 +542,14 @@ def run_env(work: Path, settings: dict) -> dict:
 
 def header_lines(settings: dict, env: dict, device: torch.device, records: dict, records_dir) -> list[str]:
     epochs, iterations, val_iterations = settings["budget"]
-    plans = load_plans(env, "EquiFlexPlans")["configurations"]["2d"]
+    profile = settings["profile"]
+    plans = load_plans(env, "EquiFlexPlans", profile)["configurations"][profile.configuration]
     header = [
         "# Dice-cost frontier (benchmarks/frontier.py)",
         f"command: {' '.join([os.path.relpath(sys.executable), *sys.argv])}",
         machine_line(device),
-        f"data: {DATASET_NAME}, {settings['num_train']} training / {settings['num_test']} test slices of "
-        f"{settings['size_range'][0]}-{settings['size_range'][1]} px (synthetic_cardiac --difficulty hard), fold 0",
+        f"data: {profile.dataset_name} ({profile.configuration}), {settings['num_train']} training / "
+        f"{settings['num_test']} test {profile.cases.format(**settings)}, fold 0",
         f"budget (every network): {epochs} epochs x {iterations} iterations (+{val_iterations} validation iterations "
         f"per epoch), batch {plans['batch_size']}, patch {plans['patch_size']} = {epochs * iterations} iterations",
         "Dice: nnU-Net's evaluation on the test slices; s/case: predict_single_npy_array per test case (median of "
@@ -493,21 +562,22 @@ def header_lines(settings: dict, env: dict, device: torch.device, records: dict,
         trained = "; ".join(f"{r['trainer']}: {r['trained_with']}" for r in used)
         header.append(f"Dice and s/epoch of {len(used)} networks from the records in {records_dir} (same data digest "
                       f"and budget; trained with {trained}); every row is timed in this run")  # fmt: skip
-    missing = [label for label, trainer, _ in NETWORKS if trainer not in {t for _, t, _ in settings["networks"]}]
+    chosen = {t for _, t, _ in settings["networks"]}
+    missing = [label for label, trainer, _ in profile.networks if trainer not in chosen]
     if missing:
         header.append(f"not in this run (choose them with --networks): {', '.join(missing)}")
     return header
 
 
-def table_inputs(work: Path, env: dict, here: list, records: dict) -> tuple[dict, list[dict], dict]:
+def table_inputs(work: Path, profile: Profile, env: dict, here: list, records: dict) -> tuple[dict, list[dict], dict]:
     """Model folders to time, compare rows and training-log epoch times: from this folder or the records."""
-    results = Path(env["nnUNet_results"]) / DATASET_NAME
-    model_dirs = {t: results / spec(t, p) for _, t, p in here}
+    results = Path(env["nnUNet_results"]) / profile.dataset_name
+    model_dirs = {t: results / spec(t, p, profile.configuration) for _, t, p in here}
     rows = json.loads((work / "compare" / "results.json").read_text())["rows"] if here else []
     epoch_s = {t: training_log_seconds_per_epoch(model_dirs[t]) for t in model_dirs}
-    plans_of = {t: p for _, t, p in NETWORKS}
+    plans_of = {t: p for _, t, p in profile.networks}
     for trainer, record in records.items():
-        model_dirs[trainer] = untrained_model_dir(str(DATASET_ID), trainer + "_budget", plans_of[trainer], env,
+        model_dirs[trainer] = untrained_model_dir(str(profile.dataset_id), trainer + "_budget", plans_of[trainer], env,
                                                   work / "untrained_for_timing")  # fmt: skip
         rows += record["compare_rows"]
         epoch_s[trainer] = record["train_s_per_epoch_log"]
@@ -522,8 +592,9 @@ def main() -> None:
     env = run_env(work, settings)
     steps = Steps(work)
     prepare(work, settings, env, steps)
+    profile = settings["profile"]
     records_dir = Path(args.records).resolve() if args.records else None
-    digest = data_digest(Path(env["nnUNet_raw"]) / DATASET_NAME) if records_dir else ""
+    digest = data_digest(Path(env["nnUNet_raw"]) / profile.dataset_name) if records_dir else ""
     selected = {t for _, t, _ in settings["networks"]}
     records = load_records(records_dir, saved, digest) if records_dir else {}
     records = {t: r for t, r in records.items() if t in selected}
@@ -534,15 +605,15 @@ def main() -> None:
             print(f"trained: {', '.join(t for _, t, _ in here)}")
             return
         if here:
-            evaluate(work, env, steps, args.device, here)
+            evaluate(work, profile, env, steps, args.device, here)
         if records_dir and here:
-            record_trained(work, env, saved, digest, records_dir, here)
+            record_trained(work, profile, env, saved, digest, records_dir, here)
         if args.record_only:
             return
     require_cnn(settings["networks"])
     device = torch.device(args.device)
     torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "2")))
-    model_dirs, compare_rows, epoch_s = table_inputs(work, env, here, records)
+    model_dirs, compare_rows, epoch_s = table_inputs(work, profile, env, here, records)
     table = build_table(timing(settings, env, device, model_dirs), compare_rows, epoch_s)
     header = header_lines(settings, env, device, records, records_dir)
     print(write_outputs(work / "frontier", table, header))

@@ -90,6 +90,19 @@ def test_frontier_quick_run_trains_compares_times_and_applies_the_rule(tmp_path)
     assert "== train_EquiFlexTrainerTiny: done in an earlier run, skipped" in again
 
 
+def test_frontier_3d_quick_run_compares_tiny3d_with_the_3d_cnn_and_its_8_pass_tta(tmp_path):
+    out = run_benchmark("frontier.py", str(tmp_path / "frontier3d"), "--3d", "--quick")
+    assert "data: Dataset906_SyntheticVolumesFrontier (3d_fullres)" in out and "test volumes of" in out
+    for row in ("nnU-Net CNN (1 pass)", "nnU-Net CNN + TTA (8 passes)", "EquiFlex tiny3d (1 pass)"):
+        assert f"| {row} |" in out
+    rows = json.loads((tmp_path / "frontier3d" / "frontier" / "frontier.json").read_text())["rows"]
+    cnn_tta = next(r for r in rows if r["row"] == "nnU-Net CNN + TTA (8 passes)")
+    tiny = next(r for r in rows if r["row"] == "EquiFlex tiny3d (1 pass)")
+    assert len(tiny["patch"]) == 3 and tiny["spec"] == "EquiFlexTrainerTiny3D_budget__EquiFlexPlans__3d_fullres"
+    assert tiny["flip_consistency"] == 1.0  # exact over the 7 flips of the test volume
+    assert tiny["gflops_per_tile"] < cnn_tta["gflops_per_tile"] and tiny["train_s_per_iteration"] > 0
+
+
 def test_frontier_records_spread_the_training_over_runs(tmp_path):
     """The CNN trained and recorded in one folder; a second folder trains only tiny, times both, builds the table."""
     records = tmp_path / "records"

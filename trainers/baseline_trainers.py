@@ -25,8 +25,11 @@ from nnunet_equiflex.trainers.equiflex_trainers import (
     EquiFlexTrainerFlip2,
     EquiFlexTrainerFlip4,
     EquiFlexTrainerTiny,
+    EquiFlexTrainerTiny3D,
     EquiFlexTrainerViTS8,
+    EquiFlexTrainerViTS8_3D,
     EquiFlexTrainerViTTi8,
+    EquiFlexTrainerViTTi8_3D,
     FlexTrainerFlip0,
     FlexTrainerTiny,
     FlexTrainerTinyNoMirroring,
@@ -51,6 +54,9 @@ __all__ = [
     "FlexTrainerFlip0_budget",
     "FlexTrainerTiny_budget",
     "FlexTrainerTinyNoMirroring_budget",
+    "EquiFlexTrainerViTS8_3D_budget",
+    "EquiFlexTrainerViTTi8_3D_budget",
+    "EquiFlexTrainerTiny3D_budget",
 ]
 
 # (epochs, training iterations per epoch, validation iterations per epoch)
@@ -118,6 +124,9 @@ EquiFlexTrainerTiny_budget = budget_variant(EquiFlexTrainerTiny)
 FlexTrainerFlip0_budget = budget_variant(FlexTrainerFlip0)
 FlexTrainerTiny_budget = budget_variant(FlexTrainerTiny)
 FlexTrainerTinyNoMirroring_budget = budget_variant(FlexTrainerTinyNoMirroring)
+EquiFlexTrainerViTS8_3D_budget = budget_variant(EquiFlexTrainerViTS8_3D)  # 3d_fullres (benchmarks/frontier.py --3d)
+EquiFlexTrainerViTTi8_3D_budget = budget_variant(EquiFlexTrainerViTTi8_3D)
+EquiFlexTrainerTiny3D_budget = budget_variant(EquiFlexTrainerTiny3D)
 
 
 class EquiFlexTrainerTiny_demo(EquiFlexTrainerTiny):
