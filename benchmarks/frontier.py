@@ -552,7 +552,7 @@ def header_lines(settings: dict, env: dict, device: torch.device, records: dict,
         f"{settings['num_test']} test {profile.cases.format(**settings)}, fold 0",
         f"budget (every network): {epochs} epochs x {iterations} iterations (+{val_iterations} validation iterations "
         f"per epoch), batch {plans['batch_size']}, patch {plans['patch_size']} = {epochs * iterations} iterations",
-        "Dice: nnU-Net's evaluation on the test slices; s/case: predict_single_npy_array per test case (median of "
+        "Dice: nnU-Net's evaluation on the test cases; s/case: predict_single_npy_array per test case (median of "
         f"{settings['repeats']} round-robin repeats); train s/iter: one optimizer step at the plans' batch and patch "
         "(round-robin); train s/epoch: median epoch wall time in nnU-Net's training log (other jobs may have shared "
         "the machine then); GFLOPs/tile: one forward pass x passes (EquiFlex analytic, CNN FlopCounterMode)",
