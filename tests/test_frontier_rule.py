@@ -13,6 +13,7 @@ def load_frontier():
     sys.path.insert(0, str(FRONTIER.parent))  # frontier.py imports frontier_records beside it, as when run
     spec = importlib.util.spec_from_file_location("frontier", FRONTIER)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["frontier"] = module  # as an import would: its dataclass looks its module up there
     spec.loader.exec_module(module)
     return module
 
