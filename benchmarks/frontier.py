@@ -69,6 +69,10 @@ class Profile:
     quick_networks: tuple[str, ...]
     cases: str  # what a case is, for the header
 
+    def spec(self, trainer: str, plans: str) -> str:
+        """The result folder name of a budget run: ``<trainer>_budget__<plans>__<configuration>``."""
+        return f"{trainer}_budget__{plans}__{self.configuration}"
+
     def generate(self, raw: str, settings: dict) -> None:
         if self.configuration == "2d":
             from nnunet_equiflex.dataset_conversion.synthetic_cardiac import generate_synthetic_cardiac
@@ -190,10 +194,6 @@ def require_cnn(networks: list[tuple[str, str, str]]) -> None:
                          "ratio's baseline")  # fmt: skip
 
 
-def spec(trainer: str, plans: str, configuration: str) -> str:
-    return f"{trainer}_budget__{plans}__{configuration}"
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # steps 1-4: nnU-Net's commands
 
@@ -214,8 +214,7 @@ def prepare(work: Path, settings: dict, env: dict, steps: Steps) -> None:
         ),  # fmt: skip
     )
     cnn_batch = str(load_plans(env, "nnUNetPlans", profile)["configurations"][configuration]["batch_size"])
-    plan = ["nnunet-equiflex", "plan", "-d", dataset, "--batch-size", cnn_batch, "--overwrite"]
-    plan += ["-c", configuration] if configuration != "2d" else []
+    plan = ["nnunet-equiflex", "plan", "-d", dataset, "-c", configuration, "--batch-size", cnn_batch, "--overwrite"]
     steps.run("plan_equiflex", lambda: run_logged(plan, env, logs / "plan.txt"))
 
 
@@ -226,7 +225,7 @@ def train(work: Path, settings: dict, env: dict, steps: Steps, device: str, trai
     plans_of = {t: p for _, t, p in profile.networks}
     for trainer in trainers:
         plans = plans_of[trainer]
-        fold_dir = results / spec(trainer, plans, configuration) / "fold_0"
+        fold_dir = results / profile.spec(trainer, plans) / "fold_0"
 
         def train(trainer=trainer, plans=plans, fold_dir=fold_dir) -> None:
             args = ["nnUNetv2_train", dataset, configuration, "0", "-tr", f"{trainer}_budget", "-p", plans]
@@ -246,7 +245,7 @@ def load_plans(env: dict, plans: str, profile: Profile) -> dict:
 def evaluate(work: Path, profile: Profile, env: dict, steps: Steps, device: str, networks: list) -> None:
     """``compare`` of the networks trained in this folder on the test cases (``work/compare``)."""
     raw = Path(env["nnUNet_raw"]) / profile.dataset_name
-    specs = [spec(t, p, profile.configuration) for _, t, p in networks]
+    specs = [profile.spec(t, p) for _, t, p in networks]
 
     def compare_step() -> None:
         args = ["nnunet-equiflex", "compare", "-d", str(profile.dataset_id), "-r", *specs, "-f", "0"]
@@ -263,7 +262,7 @@ def record_trained(work: Path, profile: Profile, env: dict, saved: dict, digest:
     rows = json.loads((work / "compare" / "results.json").read_text())["rows"]
     results = Path(env["nnUNet_results"]) / profile.dataset_name
     for _, trainer, plans in networks:
-        name = spec(trainer, plans, profile.configuration)
+        name = profile.spec(trainer, plans)
         own = [r for r in rows if r["spec"] == name]
         epoch_s = training_log_seconds_per_epoch(results / name)
         path = write_record(folder, make_record(saved, digest, trainer, name, own, epoch_s))
@@ -363,7 +362,7 @@ def timing(settings: dict, env: dict, device: torch.device, model_dirs: dict[str
             with contextlib.redirect_stdout(io.StringIO()):
                 row_predictor = trained_predictor(model_dir, use_mirroring, device) if use_mirroring else predictor
             predict_calls[row] = functools.partial(predict_cases, row_predictor, cases)
-            name = spec(trainer, plans, profile.configuration)
+            name = profile.spec(trainer, plans)
             info[row] = dict(trainer=trainer, spec=name, use_mirroring=use_mirroring, passes=passes,
                              gflops_per_tile=flops * passes / 1e9, params=params, patch=list(patch),
                              batch=predictor.configuration_manager.batch_size)  # fmt: skip
@@ -572,7 +571,7 @@ def header_lines(settings: dict, env: dict, device: torch.device, records: dict,
 def table_inputs(work: Path, profile: Profile, env: dict, here: list, records: dict) -> tuple[dict, list[dict], dict]:
     """Model folders to time, compare rows and training-log epoch times: from this folder or the records."""
     results = Path(env["nnUNet_results"]) / profile.dataset_name
-    model_dirs = {t: results / spec(t, p, profile.configuration) for _, t, p in here}
+    model_dirs = {t: results / profile.spec(t, p) for _, t, p in here}
     rows = json.loads((work / "compare" / "results.json").read_text())["rows"] if here else []
     epoch_s = {t: training_log_seconds_per_epoch(model_dirs[t]) for t in model_dirs}
     plans_of = {t: p for _, t, p in profile.networks}
