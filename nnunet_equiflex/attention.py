@@ -16,16 +16,17 @@ factory that closes over the token geometry. The same window drives every backen
 ``auto`` picks flex on CUDA and window on CPU (training and inference; measured fastest there,
 ``benchmarks/bench_attention.py``).
 
-Grids are 2D or 3D (``(2r+1)^n`` windows); everything above works on both. Token layouts (flex only,
-2D only: a 3D grid stays row-major): the grid tokens may be stored tile by tile instead of row-major
-(``tiled_token_order``: ``t x t`` tiles, prefix tokens moved to the end) with the same mask
-expressed in that index space (``generate_tiled_local_window_mask``) and blocks of ``t * t``
+Grids are 2D or 3D (``(2r+1)^n`` windows); everything above works on both. Token layouts (flex
+only): the grid tokens may be stored tile by tile instead of row-major (``tiled_token_order``:
+``t x t`` tiles in 2D, ``t x t x t`` in 3D, prefix tokens moved to the end) with the same mask
+expressed in that index space (``generate_tiled_local_window_mask``) and blocks of ``t^n``
 tokens, so that a block is one tile and its window touches a few neighbouring tiles. The set of
 attended (query, key) pairs is unchanged, so the output is the row-major output permuted. The
 caller permutes once for all local blocks (see ``EquiFlexEncoder.run_local_blocks``). Measured on
 CPU (``benchmarks/bench_attention.py``), 4x4 tiles with blocks of 16 beat every row-major block
-size from 28x28 to 96x96 tokens; on CUDA the row-major layout with blocks of 128 stays the default
-until a GPU measurement says otherwise.
+size from 28x28 to 96x96 tokens; in 3D 2x2x2 tiles win for 5x5x5 windows and row-major blocks of 16
+for 3x3x3 ones (``default_token_layout``). On CUDA the row-major layout with blocks of 128 stays the
+default until a GPU measurement says otherwise.
 """
 
 from __future__ import annotations
@@ -104,33 +105,35 @@ def dense_mask(mask_mod: MaskMod, seq_len: int, device: torch.device | str = "cp
     return mask_mod(zero, zero, idx[:, None], idx[None, :])
 
 
-def tiled_token_order(grid_h: int, grid_w: int, tile: int, num_prefix_tokens: int = 1) -> torch.Tensor:
-    """``order[new] = old`` over the whole sequence: grid tokens tile by tile (tiles row-major,
-    row-major inside a tile; edge tiles of a grid that ``tile`` does not divide are smaller),
-    then the prefix tokens."""
+def tiled_token_order(grid: tuple[int, ...], tile: int, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """``order[new] = old`` over the whole sequence: grid tokens tile by tile (``t x t`` tiles in 2D,
+    ``t x t x t`` in 3D; tiles row-major, row-major inside a tile; edge tiles of a grid that ``tile``
+    does not divide are smaller), then the prefix tokens."""
     if tile < 1:
         raise ValueError(f"tile must be >= 1, got {tile}")
-    ys, xs = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
-    tiles_w = -(-grid_w // tile)
-    key = ((ys // tile) * tiles_w + xs // tile) * tile * tile + (ys % tile) * tile + xs % tile
+    grid = tuple(grid)
+    coords = torch.meshgrid(*(torch.arange(size) for size in grid), indexing="ij")
+    tiles_per_axis = tuple(-(-size // tile) for size in grid)
+    tile_index = sum((c // tile) * s for c, s in zip(coords, row_major_strides(tiles_per_axis)))
+    inside_index = sum((c % tile) * tile ** (len(grid) - 1 - axis) for axis, c in enumerate(coords))
+    key = tile_index * tile ** len(grid) + inside_index
     grid_tokens = torch.argsort(key.flatten()) + num_prefix_tokens
     return torch.cat([grid_tokens, torch.arange(num_prefix_tokens)])
 
 
 def generate_reordered_local_window_mask(
-    grid_h: int,
-    grid_w: int,
+    grid: tuple[int, ...],
     window_radius: int,
     dilation: int,
     num_prefix_tokens: int,
     order: torch.Tensor,
     device: torch.device | str = "cpu",
 ) -> MaskMod:
-    """``generate_local_window_mask`` in the index space of a token order (``order[new] = old``).
+    """``generate_grid_window_mask`` in the index space of a token order (``order[new] = old``).
 
     Looks up each index's row-major position; the table is padded past the sequence end because
     block masks evaluate the mask on indices rounded up to the block size."""
-    base = generate_local_window_mask(grid_h, grid_w, window_radius, dilation, num_prefix_tokens)
+    base = generate_grid_window_mask(grid, window_radius, dilation, num_prefix_tokens)
     seq_len = order.numel()
     padded_len = -(-seq_len // 1024) * 1024 + 1024
     lookup = torch.cat([order.cpu(), torch.arange(seq_len, padded_len)]).to(device)
@@ -143,30 +146,35 @@ def generate_reordered_local_window_mask(
 
 
 def generate_tiled_local_window_mask(
-    grid_h: int,
-    grid_w: int,
+    grid: tuple[int, ...],
     window_radius: int,
     dilation: int = 1,
     num_prefix_tokens: int = 1,
     tile: int = 4,
     device: torch.device | str = "cpu",
 ) -> MaskMod:
-    """``generate_local_window_mask`` in the index space of ``tiled_token_order``."""
-    order = tiled_token_order(grid_h, grid_w, tile, num_prefix_tokens)
-    return generate_reordered_local_window_mask(
-        grid_h, grid_w, window_radius, dilation, num_prefix_tokens, order, device
-    )
+    """``generate_grid_window_mask`` in the index space of ``tiled_token_order`` (2D or 3D)."""
+    order = tiled_token_order(grid, tile, num_prefix_tokens)
+    return generate_reordered_local_window_mask(grid, window_radius, dilation, num_prefix_tokens, order, device)
 
 
-def default_block_size(device: torch.device) -> int:
-    # Row-major layout. Measured on 2 CPU cores (benchmarks/bench_attention.py): 16 and 32 beat 128
-    # there; 128 matches the GPU kernel tiles.
-    return 128 if device.type == "cuda" else 32
+def default_block_size(device: torch.device, spatial_dims: int = 2) -> int:
+    """Block size of the row-major layout. Measured on 2 CPU cores (benchmarks/bench_attention.py): in 2D 16 and
+    32 beat 128; in 3D 16 beats 8, 32, 64 and 128. 128 matches the GPU kernel tiles."""
+    if device.type == "cuda":
+        return 128
+    return 32 if spatial_dims == 2 else 16
 
 
-def default_token_layout(device: torch.device) -> str:
-    """The flex layout ``auto`` stands for: 4x4 tiles on CPU (measured fastest), row-major on CUDA."""
-    return "row" if device.type == "cuda" else "tile4"
+def default_token_layout(device: torch.device, spatial_dims: int = 2, window_radius: int = 2) -> str:
+    """The flex layout ``auto`` stands for, as measured on 2 CPU cores (``benchmarks/bench_attention.py``): 4x4
+    tiles in 2D; in 3D 2x2x2 tiles for windows of radius 2 and more (5x5x5), row-major (blocks of 16) for radius 1
+    (3x3x3), where thin row-major blocks skip more key blocks than cubes do. Row-major on CUDA (not measured)."""
+    if device.type == "cuda":
+        return "row"
+    if spatial_dims == 2:
+        return "tile4"
+    return "tile2" if window_radius >= 2 else "row"
 
 
 def parse_token_layout(layout: str) -> int | None:
@@ -188,7 +196,7 @@ def _mask_mod(geometry: tuple, tile: int | None, device: torch.device) -> MaskMo
     grid, radius, dilation, prefix = split_geometry(geometry)
     if tile is None:
         return generate_grid_window_mask(grid, radius, dilation, prefix)
-    return generate_tiled_local_window_mask(*grid, radius, dilation, prefix, tile=tile, device=device)
+    return generate_tiled_local_window_mask(grid, radius, dilation, prefix, tile=tile, device=device)
 
 
 def _sequence_length(geometry: tuple) -> int:
@@ -220,10 +228,10 @@ def _cached_block_mask(geometry: tuple, device: torch.device, block_size: int, t
 @torch.compiler.disable
 @functools.lru_cache(maxsize=64)
 def cached_tiled_token_order(
-    grid_h: int, grid_w: int, tile: int, num_prefix_tokens: int, device: torch.device
+    grid: tuple[int, ...], tile: int, num_prefix_tokens: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(order, inverse)`` of ``tiled_token_order`` on ``device``, built once per geometry."""
-    order = tiled_token_order(grid_h, grid_w, tile, num_prefix_tokens).to(device)
+    order = tiled_token_order(grid, tile, num_prefix_tokens).to(device)
     return order, torch.argsort(order)
 
 
@@ -338,7 +346,7 @@ def _cached_window_mask(geometry: tuple, device: torch.device, tile: int | None 
     bias = window_key_bias(*grid, radius, dilation).to(device)
     to_row = from_row = None
     if tile is not None:  # layout index -> row-major index and back
-        order = tiled_token_order(*grid, tile, prefix)
+        order = tiled_token_order(grid, tile, prefix)
         to_row, from_row = torch.argsort(order).to(device), order.to(device)
     return WindowMask(grid, radius, dilation, prefix, bias, to_row, from_row)
 
@@ -432,22 +440,21 @@ def local_attention_mask(
     device: torch.device,
 ) -> LocalMask:
     """The cached mask of one geometry for a concrete ``backend``: a dense bool mask for sdpa, a
-    ``WindowMask`` for window, a ``BlockMask`` for flex (blocks of ``tile * tile`` tokens on CPU
-    when tiled).
+    ``WindowMask`` for window, a ``BlockMask`` for flex (blocks of one tile, ``tile ** len(grid)``
+    tokens, on CPU when tiled).
 
     Kept out of ``torch.compile``: when a caller compiles the whole network (nnU-Net does on
     CUDA), the mask is still built once and looked up, not traced into the graph and rebuilt on
     every call."""
-    if tile is not None and len(grid) != 2:
-        raise ValueError(f"tiled token layouts are 2D-only, got a {len(grid)}D grid {tuple(grid)}; pass tile=None")
     geometry = (*grid, window_radius, dilation, num_prefix_tokens)
     if backend == "sdpa":
         return _cached_dense_mask(geometry, device, tile)
     if backend == "window":
         return _cached_window_mask(geometry, device, tile)
-    block_size = default_block_size(device)
+    block_size = default_block_size(device, len(grid))
     if tile is not None:  # one tile per block on CPU; on CUDA whole tiles per kernel-sized block
-        block_size = tile * tile if device.type != "cuda" else -(-tile * tile // block_size) * block_size
+        tile_tokens = tile ** len(grid)
+        block_size = tile_tokens if device.type != "cuda" else -(-tile_tokens // block_size) * block_size
     return _cached_block_mask(geometry, device, block_size, tile)
 
 

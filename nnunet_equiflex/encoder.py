@@ -181,10 +181,12 @@ class _Blocks:
     def local_token_layout(self, device: torch.device, needs_grad: bool) -> tuple[str, int | None]:
         """The local blocks' attention backend and, for flex, its tile size (None: row-major)."""
         backend = resolve_backend(self.attention_backend, device, needs_grad)
-        if backend != "flex" or self.spatial_dims != 2:  # tiled layouts are 2D-only: 3D grids stay row-major
+        if backend != "flex":
             return backend, None
         layout = self.flex_token_layout
-        return backend, parse_token_layout(default_token_layout(device) if layout == "auto" else layout)
+        return backend, parse_token_layout(
+            default_token_layout(device, self.spatial_dims, self.window_radius) if layout == "auto" else layout
+        )
 
     def run_blocks(self, tokens: torch.Tensor, grid: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
         """Blocks ``start..stop-1`` on tokens ``(N, prefix + h*w, D)``: global ones, then local ones."""
@@ -207,7 +209,7 @@ class _Blocks:
             for d in sorted(set(dilations))
         }  # built once per geometry, looked up once per forward
         if tile is not None:
-            order, inverse = cached_tiled_token_order(*grid, tile, self.num_prefix_tokens, tokens.device)
+            order, inverse = cached_tiled_token_order(tuple(grid), tile, self.num_prefix_tokens, tokens.device)
             tokens = tokens[:, order]
         for block, dilation in zip(self.blocks[start:stop], dilations):
             tokens = block(tokens, masks[dilation])

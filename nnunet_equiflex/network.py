@@ -144,9 +144,9 @@ class EquiFlexFormer(nn.Module):
         gmr_hidden_dim: channels between the GMR layers.
         gmr_strides: stride of each GMR layer, multiplying to patch_size; None = 1, ..., 1, patch_size.
         alternate_dilation: local blocks alternate dense (even) and ``window_dilation``-dilated (odd) windows.
-        flex_token_layout: storage order of the tokens in the flex local blocks: "auto" (4x4 tiles on CPU,
-            row-major on CUDA), "row" or "tileN". The same function in every layout, only its speed differs.
-            Tiles are 2D-only: 3D grids are row-major in every layout.
+        flex_token_layout: storage order of the tokens in the flex local blocks: "auto" (on CPU 4x4 tiles in
+            2D, in 3D 2x2x2 tiles for window_radius >= 2 and row-major for 1; row-major on CUDA), "row" or
+            "tileN" (N x N, or N x N x N, tiles). The same function in every layout, only its speed differs.
         spatial_dims: 2 for images (B, C, H, W), 3 for volumes (B, C, D, H, W). "d4" and GMR are 2D-only.
     """
 

@@ -17,8 +17,11 @@ from helpers import max_equivariance_error
 from nnunet_equiflex.attention import (
     dense_mask,
     generate_grid_window_mask,
+    generate_tiled_local_window_mask,
     local_attention_mask,
     local_window_attention,
+    parse_token_layout,
+    tiled_token_order,
 )
 from nnunet_equiflex.flops import network_forward_flops, window_pairs
 from nnunet_equiflex.groups import group_elements
@@ -103,22 +106,24 @@ def test_mask_matches_definition_and_the_flop_count(grid, radius, dilation, pref
 
 
 WINDOW_CASES = [
-    # grid, radius, dilation, prefix tokens
-    ((3, 5, 4), 1, 1, 1),  # odd sizes: every face, edge and corner window is cut
-    ((4, 3, 5), 1, 2, 3),  # dilation, CLS + 2 registers
-    ((3, 3, 3), 2, 1, 1),  # window wider than the grid
-    ((2, 6, 5), 2, 3, 2),  # dilation reaching past the grid
+    # grid, radius, dilation, prefix tokens, tile layout (None: row-major)
+    ((3, 5, 4), 1, 1, 1, None),  # odd sizes: every face, edge and corner window is cut
+    ((4, 3, 5), 1, 2, 3, None),  # dilation, CLS + 2 registers
+    ((3, 3, 3), 2, 1, 1, None),  # window wider than the grid
+    ((2, 6, 5), 2, 3, 2, None),  # dilation reaching past the grid
+    ((3, 5, 4), 1, 1, 2, 2),  # 2x2x2 tiles, partial edge tiles on every axis, a register
+    ((4, 4, 6), 2, 2, 1, 4),  # a tile as deep as the grid, dilation
 ]
 
 
-@pytest.mark.parametrize("grid,radius,dilation,prefix", WINDOW_CASES)
-def test_window_backend_equals_sdpa_in_outputs_and_gradients(grid, radius, dilation, prefix):
+@pytest.mark.parametrize("grid,radius,dilation,prefix,tile", WINDOW_CASES)
+def test_window_backend_equals_sdpa_in_outputs_and_gradients(grid, radius, dilation, prefix, tile):
     seq = prefix + grid[0] * grid[1] * grid[2]
     inputs = [torch.randn(2, 3, seq, 8).requires_grad_() for _ in range(3)]
     upstream = torch.randn(2, 3, seq, 8)
     results = {}
     for backend in ("sdpa", "window"):
-        out = local_window_attention(*inputs, grid, radius, dilation, prefix, backend=backend)
+        out = local_window_attention(*inputs, grid, radius, dilation, prefix, backend=backend, tile=tile)
         results[backend] = (out, *torch.autograd.grad(out, inputs, upstream))
     for name, a, b in zip(("output", "dq", "dk", "dv"), results["sdpa"], results["window"]):
         assert (a - b).abs().max().item() < 1e-5, name
@@ -151,30 +156,107 @@ def test_folded_lifting_equals_the_explicit_copies(overrides):
     assert (folded - explicit).abs().max().item() < 1e-5
 
 
-FLEX_CASES = [((3, 5, 7), 1, 1, 2), ((6, 8, 8), 1, 1, 1), ((4, 3, 5), 1, 2, 1)]  # grid, radius, dilation, prefix
+FLEX_CASES = [  # grid, radius, dilation, prefix, tile (None: row-major)
+    ((3, 5, 7), 1, 1, 2, None),
+    ((6, 8, 8), 1, 1, 1, None),
+    ((4, 3, 5), 1, 2, 1, None),
+    ((6, 8, 8), 1, 1, 1, 2),  # 2x2x2 tiles, one per block of 8
+    ((3, 5, 7), 2, 1, 2, 2),  # partial edge tiles, a register
+    ((4, 8, 8), 1, 2, 1, 4),
+]
 
 
-@pytest.mark.parametrize("grid,radius,dilation,prefix", FLEX_CASES)
-def test_flex_block_mask_gives_the_sdpa_result(grid, radius, dilation, prefix):
-    """The 3D mask through flex's block-sparse machinery (uncompiled here: compiling takes about 30 s per shape on
-    2 CPU cores, and the compiled kernel consumes the same BlockMask)."""
+def uncompiled_flex(q, k, v, block_mask):
     from torch.nn.attention.flex_attention import flex_attention
 
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(q, k, v, block_mask=block_mask)
+
+
+@pytest.mark.parametrize("grid,radius,dilation,prefix,tile", FLEX_CASES)
+def test_flex_block_mask_gives_the_sdpa_result(grid, radius, dilation, prefix, tile):
+    """The 3D mask through flex's block-sparse machinery (uncompiled here: compiling takes about 30 s per shape on
+    2 CPU cores, and the compiled kernel consumes the same BlockMask); tiled layouts in their own token order."""
     seq = prefix + math.prod(grid)
     q, k, v = (torch.randn(1, 2, seq, 16) for _ in range(3))
-    mask = local_attention_mask(grid, radius, dilation, prefix, "flex", None, torch.device("cpu"))
+    mask = local_attention_mask(grid, radius, dilation, prefix, "flex", tile, torch.device("cpu"))
+    if tile is not None:
+        assert mask.BLOCK_SIZE == (tile**3, tile**3)  # one tile per block on CPU
     if seq > 300:
         assert mask.sparsity() > 0  # some blocks are skipped: the block structure of the 3D window is used
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        flex = flex_attention(q, k, v, block_mask=mask)
-    sdpa = local_window_attention(q, k, v, grid, radius, dilation, prefix, backend="sdpa")
+    with torch.no_grad():
+        flex = uncompiled_flex(q, k, v, mask)
+    sdpa = local_window_attention(q, k, v, grid, radius, dilation, prefix, backend="sdpa", tile=tile)
     assert (flex - sdpa).abs().max().item() < 1e-5
 
 
-def test_flex_in_3d_is_row_major_in_every_layout():
+@pytest.mark.parametrize("grid,tile,prefix", [((4, 8, 8), 2, 1), ((4, 4, 8), 4, 2), ((3, 5, 7), 2, 1)])
+def test_tiled_order_in_3d_is_a_permutation_of_cubes_with_prefix_last(grid, tile, prefix):
+    order = tiled_token_order(grid, tile, prefix)
+    assert torch.equal(order.sort().values, torch.arange(prefix + math.prod(grid)))
+    assert order[-prefix:].tolist() == list(range(prefix))
+    if all(size % tile == 0 for size in grid):  # each run of tile^3 tokens is one cube
+        cells = order[: math.prod(grid)] - prefix
+        for block in cells.split(tile**3):
+            coords = torch.stack(torch.unravel_index(block, grid))
+            assert (coords.amax(1) - coords.amin(1)).tolist() == [tile - 1] * 3
+
+
+def test_tiled_mask_in_3d_is_the_row_major_mask_permuted():
+    grid, prefix = (3, 5, 6), 2
+    n = prefix + math.prod(grid)
+    row = dense_mask(generate_grid_window_mask(grid, 1, 2, prefix), n)
+    tiled = dense_mask(generate_tiled_local_window_mask(grid, 1, 2, prefix, tile=2), n)
+    order = tiled_token_order(grid, 2, prefix)
+    assert torch.equal(tiled, row[order][:, order])
+
+
+def test_tiles_put_a_5x5x5_window_in_fewer_blocks_and_a_3x3x3_one_in_more():
+    """Why ``auto`` tiles 3D grids for radius 2 but keeps radius 1 row-major (blocks of 8 both ways)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    grid, n = (8, 16, 16), 1 + 8 * 16 * 16
+    skipped = {}
+    for radius in (1, 2):
+        for tile in (None, 2):
+            mod = (
+                generate_grid_window_mask(grid, radius)
+                if tile is None
+                else generate_tiled_local_window_mask(grid, radius, tile=tile)
+            )
+            block_mask = create_block_mask(mod, None, None, n, n, device="cpu", BLOCK_SIZE=8)
+            skipped[radius, tile] = block_mask.sparsity()  # percent of blocks skipped
+    assert skipped[2, 2] > skipped[2, None] + 1.0
+    assert skipped[1, None] > skipped[1, 2]
+
+
+def test_flex_token_layouts_in_3d():
     net = tiny3d(attention_backend="flex", flex_token_layout="tile4")
-    assert net.encoder.local_token_layout(torch.device("cpu"), needs_grad=False) == ("flex", None)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert net.encoder.local_token_layout(cpu, needs_grad=False) == ("flex", 4)
+    net.set_flex_token_layout("auto")
+    assert net.encoder.local_token_layout(cpu, needs_grad=False) == ("flex", None)  # r=1: row-major measured faster
+    assert net.encoder.local_token_layout(cuda, needs_grad=True) == ("flex", None)  # row-major on CUDA
+    wide = tiny3d(attention_backend="flex", window_radius=2)
+    assert wide.encoder.local_token_layout(cpu, needs_grad=False) == ("flex", 2)  # r=2: 2x2x2 tiles
+    assert local_attention_mask((4, 8, 8), 1, 1, 1, "flex", None, cpu).BLOCK_SIZE == (16, 16)
+
+
+@pytest.mark.parametrize("layout", ["row", "tile2", "tile3"])
+def test_network_output_in_3d_is_the_same_in_every_flex_token_layout(layout, monkeypatch):
+    """The encoder permutes the tokens into tile order for its local blocks and back (flex uncompiled)."""
+    from nnunet_equiflex import attention
+
+    monkeypatch.setattr(attention, "_compiled_flex_attention", lambda: uncompiled_flex)
+    net = tiny3d(window_dilation=2, num_register_tokens=1, n_global_blocks=0, attention_backend="sdpa")
+    x = torch.randn(1, 2, *SHAPES["odd"])
+    with torch.no_grad():
+        reference = net(x)
+        net.set_attention_backend("flex")
+        net.set_flex_token_layout(layout)
+        assert net.encoder.local_token_layout(x.device, needs_grad=False) == ("flex", parse_token_layout(layout))
+        assert (net(x) - reference).abs().max().item() < 1e-4
 
 
 def test_kwargs_survive_json_and_rebuild_the_same_network():

@@ -102,7 +102,7 @@ def test_local_stage_of_the_encoder_is_local():
 
 @pytest.mark.parametrize("grid,tile,prefix", [((8, 12), 4, 1), ((9, 10), 4, 1), ((7, 7), 3, 2)])
 def test_tiled_order_is_a_permutation_with_prefix_last(grid, tile, prefix):
-    order = tiled_token_order(*grid, tile, prefix)
+    order = tiled_token_order(grid, tile, prefix)
     n = prefix + grid[0] * grid[1]
     assert torch.equal(order.sort().values, torch.arange(n))
     assert order[-prefix:].tolist() == list(range(prefix))
@@ -117,8 +117,8 @@ def test_tiled_order_is_a_permutation_with_prefix_last(grid, tile, prefix):
 def test_tiled_mask_is_the_row_major_mask_permuted(grid, radius, dilation, tile, prefix):
     n = prefix + grid[0] * grid[1]
     row = dense_mask(generate_local_window_mask(*grid, radius, dilation, prefix), n)
-    tiled = dense_mask(generate_tiled_local_window_mask(*grid, radius, dilation, prefix, tile=tile), n)
-    order = tiled_token_order(*grid, tile, prefix)
+    tiled = dense_mask(generate_tiled_local_window_mask(grid, radius, dilation, prefix, tile=tile), n)
+    order = tiled_token_order(grid, tile, prefix)
     assert torch.equal(tiled, row[order][:, order])
 
 
@@ -127,7 +127,7 @@ def test_tiles_put_a_window_in_fewer_blocks():
 
     grid, n = (32, 32), 1 + 32 * 32
     row = create_block_mask(generate_local_window_mask(*grid, 2), None, None, n, n, device="cpu", BLOCK_SIZE=16)
-    tiled_mod = generate_tiled_local_window_mask(*grid, 2, tile=4)
+    tiled_mod = generate_tiled_local_window_mask(grid, 2, tile=4)
     tiled = create_block_mask(tiled_mod, None, None, n, n, device="cpu", BLOCK_SIZE=16)
     assert tiled.sparsity() > row.sparsity() + 1.0  # percent of blocks skipped
 

@@ -33,6 +33,16 @@ def test_attention_benchmark_runs_and_checks_its_layouts():
     assert "Target at 40x40 (forward+backward): not measured in this run" in out
 
 
+def test_attention_benchmark_runs_in_3d_and_names_the_fastest_layout():
+    out = run_benchmark("bench_attention.py", "--3d", "--quick", "--grids", "4x6x6", "--radii", "1", "--repeats", "1")
+    assert "## grid 4x6x6 (+CLS = 145 tokens), radius 1 (3x3x3)" in out
+    for row in ("flex row-major, block 16", "flex tile2, block 8", "flex tile4, block 64", "window (linear cost)"):
+        assert row in out
+    assert "reordered vs row-major flex, max abs diff" in out and "WARNING: a reordered layout differs" not in out
+    assert "flex_token_layout='auto' in 3D on cpu: r=1: row (row-major: blocks of 16)" in out
+    assert "## forward+backward, grid 4x6x6 (+CLS = 145 tokens), radius 1" in out
+
+
 def test_network_benchmark_and_profile_run():
     out = run_benchmark("bench_network.py", "--patch", "64", "64", "--batch", "1", "--repeats", "1", "--layouts")
     assert "## Inference (no grad), per patch" in out and "## Training step" in out
