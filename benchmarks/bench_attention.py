@@ -54,6 +54,7 @@ from nnunet_equiflex.attention import (
     local_attention_mask,
     tiled_token_order,
 )
+from nnunet_equiflex.flops import window_pairs
 
 PREFIX = 1  # one CLS token
 GRIDS_2D = {"quick": ["28", "40", "64"], "default": ["28", "40", "64"], "full": ["28", "40", "64", "96"]}
@@ -276,7 +277,7 @@ def bench_grid(grid, radius, inputs, rows, dtype, device, repeats, summary) -> N
         )
         if name.startswith(("flex", "sdpa, dense", "window")):
             summary.append((grid, radius, name, speedup))
-    density = dense_mask(generate_grid_window_mask(grid, radius, num_prefix_tokens=PREFIX), seq).float().mean().item()
+    density = window_pairs(grid, radius, 1, PREFIX) / seq**2  # attended (q, k) pairs, counted without a mask
     window = "x".join([str(2 * radius + 1)] * len(grid))
     print(
         f"## grid {label(grid)} (+CLS = {seq} tokens), radius {radius} ({window}), "

@@ -115,7 +115,7 @@ def tiled_token_order(grid: tuple[int, ...], tile: int, num_prefix_tokens: int =
     coords = torch.meshgrid(*(torch.arange(size) for size in grid), indexing="ij")
     tiles_per_axis = tuple(-(-size // tile) for size in grid)
     tile_index = sum((c // tile) * s for c, s in zip(coords, row_major_strides(tiles_per_axis)))
-    inside_index = sum((c % tile) * tile ** (len(grid) - 1 - axis) for axis, c in enumerate(coords))
+    inside_index = sum((c % tile) * s for c, s in zip(coords, row_major_strides((tile,) * len(grid))))
     key = tile_index * tile ** len(grid) + inside_index
     grid_tokens = torch.argsort(key.flatten()) + num_prefix_tokens
     return torch.cat([grid_tokens, torch.arange(num_prefix_tokens)])
