@@ -76,6 +76,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         refine_dim=16,
     ),
 }
+# Token size 4 (the tiny preset's resolution, 28x28 tokens at 112 px) with the folded lifting of FlipModel0 (one
+# pass) and 2 global blocks, at two widths between tiny and ViT-Ti/8: the frontier's candidates for a cheap default.
+_TOKEN4_FLIP0 = dict(PRESETS["tiny"], depth=6, **_FLIP_MODEL_0)
+PRESETS["mini4"] = dict(_TOKEN4_FLIP0, embed_dim=192, num_heads=6)  # 192 wide, 6 blocks
+PRESETS["micro4"] = dict(_TOKEN4_FLIP0, embed_dim=128, num_heads=4)  # 128 wide, 6 blocks
 
 # 3D presets, apart from the 2D ones above (which the 2D planner and trainers offer): volumes (B, C, D, H, W).
 PRESETS_3D: dict[str, dict[str, Any]] = {

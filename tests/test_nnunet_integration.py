@@ -188,6 +188,8 @@ ALL_TRAINERS = [
     "nnUNetTrainer_budget",
     "EquiFlexTrainerFlip0_budget",
     "EquiFlexTrainerTiny_budget",
+    "EquiFlexTrainerMini4",
+    "EquiFlexTrainerMicro4_budget",
     "EquiFlexTrainerTiny3D",
     "EquiFlexTrainerViTS8_3D",
     "EquiFlexTrainerViTTi8_3D",

@@ -151,7 +151,7 @@ def test_every_preset_is_equivariant(preset):
     assert max(errors.values()) < BOUND, errors
 
 
-@pytest.mark.parametrize("preset", ["vit_s8_flip0", "vit_ti8"])
+@pytest.mark.parametrize("preset", ["vit_s8_flip0", "vit_ti8", "mini4"])
 def test_cheapest_presets_without_the_group_are_not_equivariant(preset):
     net = preset_network(preset, group="none")
     errors = max_equivariance_error(net, torch.randn(2, 1, 48, 40), group_elements("d2"))

@@ -25,6 +25,8 @@ def plans_naming(preset: str) -> PlansManager:
         ("EquiFlexTrainerFlip4", "vit_s8_flip4"),
         ("EquiFlexTrainerViTTi8", "vit_ti8"),
         ("EquiFlexTrainerTiny", "tiny"),
+        ("EquiFlexTrainerMini4", "mini4"),
+        ("EquiFlexTrainerMicro4", "micro4"),
     ],
 )
 def test_named_trainers_build_their_preset_over_plans_of_another(trainer, preset):

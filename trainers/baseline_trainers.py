@@ -24,6 +24,8 @@ from nnunet_equiflex.trainers.equiflex_trainers import (
     EquiFlexTrainerFlip0,
     EquiFlexTrainerFlip2,
     EquiFlexTrainerFlip4,
+    EquiFlexTrainerMicro4,
+    EquiFlexTrainerMini4,
     EquiFlexTrainerTiny,
     EquiFlexTrainerTiny3D,
     EquiFlexTrainerViTS8,
@@ -50,6 +52,8 @@ __all__ = [
     "EquiFlexTrainerFlip2_budget",
     "EquiFlexTrainerFlip4_budget",
     "EquiFlexTrainerViTTi8_budget",
+    "EquiFlexTrainerMini4_budget",
+    "EquiFlexTrainerMicro4_budget",
     "EquiFlexTrainerTiny_budget",
     "FlexTrainerFlip0_budget",
     "FlexTrainerTiny_budget",
@@ -121,6 +125,8 @@ EquiFlexTrainerFlip2_budget = budget_variant(EquiFlexTrainerFlip2)
 EquiFlexTrainerFlip4_budget = budget_variant(EquiFlexTrainerFlip4)
 EquiFlexTrainerViTTi8_budget = budget_variant(EquiFlexTrainerViTTi8)
 EquiFlexTrainerTiny_budget = budget_variant(EquiFlexTrainerTiny)
+EquiFlexTrainerMini4_budget = budget_variant(EquiFlexTrainerMini4)
+EquiFlexTrainerMicro4_budget = budget_variant(EquiFlexTrainerMicro4)
 FlexTrainerFlip0_budget = budget_variant(FlexTrainerFlip0)
 FlexTrainerTiny_budget = budget_variant(FlexTrainerTiny)
 FlexTrainerTinyNoMirroring_budget = budget_variant(FlexTrainerTinyNoMirroring)

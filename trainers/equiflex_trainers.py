@@ -48,6 +48,8 @@ __all__ = [
     "EquiFlexTrainerViTTi8",
     "FlexTrainerFlip0",
     "EquiFlexTrainerTiny",
+    "EquiFlexTrainerMini4",
+    "EquiFlexTrainerMicro4",
     "FlexTrainerTiny",
     "FlexTrainerTinyNoMirroring",
     "EquiFlexTrainerTiny_smoke",
@@ -321,6 +323,24 @@ class EquiFlexTrainerTiny(EquiFlexTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 2e-3
         self.weight_decay = 1e-4
+
+
+class EquiFlexTrainerMini4(EquiFlexTrainerTiny):
+    """The mini4 preset (192 wide, 6 blocks, token size 4, lifted embedding folded into one pass, 2 global)."""
+
+    network_preset = "mini4"
+    network_overrides = preset_kwargs("mini4")
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 1e-3  # wider than tiny: half its learning rate
+
+
+class EquiFlexTrainerMicro4(EquiFlexTrainerMini4):
+    """The micro4 preset: mini4 at 128 wide (4 heads)."""
+
+    network_preset = "micro4"
+    network_overrides = preset_kwargs("micro4")
 
 
 class FlexTrainerTiny(EquiFlexTrainerTiny):
