@@ -3,9 +3,16 @@
 Linear interpolation (bilinear in 2D, trilinear in 3D) by an integer factor per axis with
 ``align_corners=False`` samples output pixel ``i`` at ``(i + 0.5) / p - 0.5``, which is
 symmetric about the centre of the grid, so it commutes with flips of every axis and (for equal
-factors) transposes. The optional refinement uses ``3^n`` kernels averaged over their own images
-under the group, so a convolution with them commutes with every group element as well (zero
-padding is symmetric too).
+factors) transposes. The optional refinement is equivariant in one of two ways:
+
+- ``"symmetric"``: ``3^n`` kernels averaged over their own images under the group, so a convolution
+  with them commutes with every group element (zero padding is symmetric too). One pass, but every
+  kernel is then an even function: it sees no signed gradient, only blur and curvature.
+- ``"lifted"``: plain kernels, run on every transformed copy of its input and mapped back,
+  ``R(z) = mean_g g^-1 C(g z)``. Its input ``z`` (the image and the upsampled token features) moves
+  with the image, ``z(h x) = h z(x)``, so ``R(z(h x)) = mean_g g^-1 C(g h z) = h mean_g' g'^-1 C(g' z)
+  = h R(z(x))`` (``g' = g h`` runs over the group). |G| passes of a small full-resolution CNN whose
+  kernels may be oriented (edges, signed gradients).
 """
 
 from __future__ import annotations
@@ -40,25 +47,56 @@ class SymmetricConv3d(_SymmetricConv, nn.Conv3d):
 
 
 SYMMETRIC_CONVS = {2: SymmetricConv2d, 3: SymmetricConv3d}
+PLAIN_CONVS = {2: nn.Conv2d, 3: nn.Conv3d}
 UPSAMPLING_MODES = {2: "bilinear", 3: "trilinear"}
+REFINE_MODES = ("symmetric", "lifted")
+
+
+def _refinement_conv(mode: str, spatial_dims: int, in_channels: int, out_channels: int, group: str) -> nn.Module:
+    if mode == "symmetric":
+        return SYMMETRIC_CONVS[spatial_dims](in_channels, out_channels, 3, group)
+    return PLAIN_CONVS[spatial_dims](in_channels, out_channels, 3, padding=1)
 
 
 class Refinement(nn.Module):
-    """Full-resolution residual correction from the upsampled features and the input image."""
+    """Full-resolution residual correction from the upsampled features and the input image (see the module
+    docstring for the two ways it stays equivariant)."""
 
     def __init__(
-        self, in_channels: int, feature_dim: int, num_classes: int, hidden: int, group: str, spatial_dims: int = 2
+        self,
+        in_channels: int,
+        feature_dim: int,
+        num_classes: int,
+        hidden: int,
+        group: str,
+        spatial_dims: int = 2,
+        mode: str = "symmetric",
     ) -> None:
         super().__init__()
-        conv = SYMMETRIC_CONVS[spatial_dims]
-        self.conv1 = conv(in_channels + feature_dim, hidden, 3, group)
+        check_refine_mode(mode)
+        self.conv1 = _refinement_conv(mode, spatial_dims, in_channels + feature_dim, hidden, group)
         self.act = nn.GELU()
-        self.conv2 = conv(hidden, num_classes, 3, group)
+        self.conv2 = _refinement_conv(mode, spatial_dims, hidden, num_classes, group)
         nn.init.zeros_(self.conv2.weight)  # start as the plain upsampled head
         nn.init.zeros_(self.conv2.bias)
+        self.lifted_over = group_elements(group, spatial_dims) if mode == "lifted" else None
+
+    def correction(self, z: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.act(self.conv1(z)))
 
     def forward(self, image: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        return self.conv2(self.act(self.conv1(torch.cat([image, features], dim=1))))
+        z = torch.cat([image, features], dim=1)
+        if self.lifted_over is None or len(self.lifted_over) == 1:
+            return self.correction(z)
+        elements = self.lifted_over
+        copies = self.correction(torch.cat([g.apply(z) for g in elements]))  # one batch of |G| * B
+        back = [g.inverse().apply(c) for g, c in zip(elements, copies.chunk(len(elements)))]
+        return torch.stack(back).mean(dim=0)
+
+
+def check_refine_mode(mode: object) -> None:
+    if mode not in REFINE_MODES:
+        raise ValueError(f"unknown refine_mode {mode!r}; choose one of {', '.join(REFINE_MODES)}")
 
 
 class LightDecoder(nn.Module):
@@ -77,6 +115,7 @@ class LightDecoder(nn.Module):
         refine_dim: int = 32,
         group: str = "d2",
         spatial_dims: int = 2,
+        refine_mode: str = "symmetric",
     ) -> None:
         super().__init__()
         self.patch_size = patch_size
@@ -84,7 +123,9 @@ class LightDecoder(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes)
         self.refine_proj = nn.Linear(embed_dim, refine_dim) if refine else None
         self.refinement = (
-            Refinement(in_channels, refine_dim, num_classes, refine_dim, group, spatial_dims) if refine else None
+            Refinement(in_channels, refine_dim, num_classes, refine_dim, group, spatial_dims, refine_mode)
+            if refine
+            else None
         )
 
     def _upsample(self, tokens: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:

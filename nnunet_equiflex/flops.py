@@ -32,6 +32,7 @@ _DEFAULTS = dict(
     num_register_tokens=0,
     refine=False,
     refine_dim=32,
+    refine_mode="symmetric",
     alternate_dilation=False,
     patch_embed="linear",
     spatial_dims=2,
@@ -99,7 +100,9 @@ def equiflex_forward_flops(
     decoder = 2 * patches * dim * num_classes
     if k["refine"]:
         rd, pixels, taps = k["refine_dim"], math.prod(patch_size), 3**n  # 3x3 (3x3x3) kernels
-        decoder += 2 * patches * dim * rd + 2 * pixels * taps * ((in_channels + rd) * rd + rd * num_classes)
+        refine_copies = copies if k["refine_mode"] == "lifted" else 1  # the lifted refinement runs per group element
+        convs = 2 * pixels * taps * ((in_channels + rd) * rd + rd * num_classes)
+        decoder += 2 * patches * dim * rd + refine_copies * convs
     flops["decoder"] = decoder
     flops["total"] = sum(flops.values())
     return flops

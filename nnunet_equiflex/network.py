@@ -9,13 +9,14 @@ float rounding), in eval mode; see ``encoder.py`` for the argument.
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from nnunet_equiflex.attention import check_backend
-from nnunet_equiflex.decoder import LightDecoder
+from nnunet_equiflex.decoder import LightDecoder, check_refine_mode
 from nnunet_equiflex.encoder import (
     EquiFlexEncoder,
     check_positive_int,
@@ -81,6 +82,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 _TOKEN4_FLIP0 = dict(PRESETS["tiny"], depth=6, **_FLIP_MODEL_0)
 PRESETS["mini4"] = dict(_TOKEN4_FLIP0, embed_dim=192, num_heads=6)  # 192 wide, 6 blocks
 PRESETS["micro4"] = dict(_TOKEN4_FLIP0, embed_dim=128, num_heads=4)  # 128 wide, 6 blocks
+# tiny with the lifted refinement (|G| passes of a small full-resolution CNN with oriented kernels) instead of the
+# symmetrised one (even kernels only): does the head's resolution of boundaries limit the Dice? (the frontier says)
+PRESETS["tiny_liftref"] = dict(PRESETS["tiny"], refine_mode="lifted")
 
 # 3D presets, apart from the 2D ones above (which the 2D planner and trainers offer): volumes (B, C, D, H, W).
 PRESETS_3D: dict[str, dict[str, Any]] = {
@@ -139,6 +143,9 @@ class EquiFlexFormer(nn.Module):
             bicubically in 2D, trilinearly in 3D); None: [28, 28] in 2D, [8, 8, 8] in 3D.
         refine: add the equivariant full-resolution refinement after upsampling.
         refine_dim: channels of that refinement.
+        refine_mode: how the refinement stays equivariant: "symmetric" (kernels symmetrised over the group, one
+            pass) or "lifted" (plain kernels on every transformed copy, mapped back and averaged: |G| passes of
+            a small full-resolution CNN, which may use oriented kernels).
         num_register_tokens: extra prefix tokens after CLS without position embedding (DINOv2 with registers).
         layer_scale_init: initial LayerScale value per residual branch (DINOv2); None disables LayerScale.
         patch_embed: "linear" (p x p projection, timm's) or "gmr" (Gaussian-Mixture-Ring convolutions,
@@ -187,13 +194,14 @@ class EquiFlexFormer(nn.Module):
         flex_token_layout: str = "auto",
         n_global_blocks: int | None = None,
         spatial_dims: int = 2,
+        refine_mode: str = "symmetric",
     ) -> None:
         super().__init__()
         check_spatial_dims(spatial_dims)
         pos_embed_grid = default_pos_embed_grid(spatial_dims) if pos_embed_grid is None else pos_embed_grid
         arch_kwargs = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         self.arch_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in arch_kwargs.items()}
-        _check_network_settings(num_classes, refine_dim)
+        _check_network_settings(num_classes, refine_dim, refine_mode)
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.spatial_dims = spatial_dims
@@ -228,7 +236,7 @@ class EquiFlexFormer(nn.Module):
             spatial_dims=spatial_dims,
         )
         self.decoder = LightDecoder(
-            embed_dim, num_classes, self.patch_size, in_channels, refine, refine_dim, group, spatial_dims
+            embed_dim, num_classes, self.patch_size, in_channels, refine, refine_dim, group, spatial_dims, refine_mode
         )
 
     @classmethod
@@ -291,10 +299,25 @@ def preset_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
     return kwargs
 
 
-def _check_network_settings(num_classes: int, refine_dim: int) -> None:
+# Constructor arguments that are not part of a network's shape: the data's, and the trainer's or runtime choices.
+_NOT_SHAPE = ("self", "in_channels", "num_classes", "drop_path_rate", "attention_backend", "flex_token_layout")
+
+
+def preset_shape_kwargs(name: str) -> dict[str, Any]:
+    """Every shape setting of preset ``name``: the preset's values over the constructor's defaults. A trainer
+    that pins a preset overrides the plans with these, so plans of another preset leak no setting the preset
+    leaves at its default (a refinement, registers, a global-block count)."""
+    defaults = {
+        k: p.default for k, p in inspect.signature(EquiFlexFormer.__init__).parameters.items() if k not in _NOT_SHAPE
+    }
+    return {**defaults, **preset_kwargs(name)}
+
+
+def _check_network_settings(num_classes: int, refine_dim: int, refine_mode: str) -> None:
     """The decoder's settings (the encoder checks its own in ``_check_encoder_settings``)."""
     check_positive_int("num_classes", num_classes)
     check_positive_int("refine_dim", refine_dim)
+    check_refine_mode(refine_mode)
 
 
 def unwrap_network(network: nn.Module) -> nn.Module:

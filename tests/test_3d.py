@@ -49,6 +49,7 @@ CONFIGS = {
     "dilated-registers": dict(window_dilation=2, num_register_tokens=2, n_global_blocks=0),
     "anisotropic-tokens": dict(patch_size=[2, 4, 4], pos_embed_grid=[4, 4, 4]),
     "no-refinement": dict(refine=False, depth=2),
+    "lifted-refinement": dict(refine_mode="lifted", depth=2),
 }
 SHAPES = {"even": (16, 32, 32), "odd": (12, 20, 28)}  # token grids 4x8x8 and 3x5x7 at token size 4
 

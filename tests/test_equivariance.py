@@ -12,12 +12,11 @@ SHAPES = [(32, 32), (32, 24), (16, 40)]
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("pooling", ["max", "mean"])
-@pytest.mark.parametrize("refine", [False, True])
+@pytest.mark.parametrize("refine", [False, "symmetric", "lifted"])
 @pytest.mark.parametrize("n_lifted", [0, 2])
 def test_d2_equivariant(shape, pooling, refine, n_lifted):
-    net = tiny_network(
-        group="d2", group_pooling=pooling, refine=refine, n_lifted_blocks=n_lifted, attention_backend="sdpa"
-    )
+    mode = {"refine": bool(refine), "refine_mode": refine or "symmetric"}
+    net = tiny_network(group="d2", group_pooling=pooling, n_lifted_blocks=n_lifted, attention_backend="sdpa", **mode)
     x = torch.randn(2, 2, *shape)
     errors = max_equivariance_error(net, x, group_elements("d2"))
     assert len(errors) == 4
@@ -35,12 +34,28 @@ def test_plain_vit_is_not_equivariant(n_lifted):
 
 
 @pytest.mark.parametrize("pooling", ["max", "mean"])
-def test_d4_equivariant_on_squares(pooling):
-    net = tiny_network(group="d4", group_pooling=pooling, refine=True, n_lifted_blocks=2, attention_backend="sdpa")
+@pytest.mark.parametrize("refine_mode", ["symmetric", "lifted"])
+def test_d4_equivariant_on_squares(pooling, refine_mode):
+    net = tiny_network(
+        group="d4", group_pooling=pooling, refine=True, refine_mode=refine_mode, n_lifted_blocks=2,
+        attention_backend="sdpa",
+    )  # fmt: skip
     x = torch.randn(2, 2, 32, 32)
     errors = max_equivariance_error(net, x, group_elements("d4"))
     assert len(errors) == 8
     assert max(errors.values()) < BOUND, errors
+
+
+def test_lifted_refinement_is_equivariant_only_through_its_lifting():
+    """Its plain kernels are oriented: run once instead of once per group element, the bound fails, and the
+    difference is the refinement's alone (the encoder and the head stay exact)."""
+    net = tiny_network(group="d2", refine=True, refine_mode="lifted", attention_backend="sdpa")
+    x = torch.randn(2, 2, 32, 24)
+    net.decoder.refinement.lifted_over = group_elements("none")
+    errors = max_equivariance_error(net, x, group_elements("d2"))
+    assert min(v for k, v in errors.items() if k != "identity") > 100 * BOUND, errors
+    net.decoder.refinement = None
+    assert max(max_equivariance_error(net, x, group_elements("d2")).values()) < BOUND
 
 
 def test_d2_network_is_not_rotation_equivariant():

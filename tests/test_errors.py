@@ -69,6 +69,7 @@ def test_half_precision_input_is_accepted():
         (dict(mlp_ratio=0.0), r"mlp_ratio must be > 0 \(the MLP width is mlp_ratio \* embed_dim\), got 0.0"),
         (dict(mlp_ratio=-2.0), "mlp_ratio must be > 0"),
         (dict(refine_dim=0), "refine_dim must be an integer >= 1, got 0"),
+        (dict(refine_mode="oriented"), "unknown refine_mode 'oriented'; choose one of symmetric, lifted"),
         (dict(pos_embed_grid=(0, 8)), r"pos_embed_grid must be two integers >= 1 .*got \[0, 8\]"),
         (dict(pos_embed_grid=(8,)), r"pos_embed_grid must be two integers >= 1 .*got \[8\]"),
         (dict(drop_path_rate=1.0), r"drop_path_rate must lie in \[0, 1\) \(1 drops every residual branch"),

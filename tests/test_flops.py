@@ -24,6 +24,8 @@ def counted_flops(net, x) -> int:
         ("vit_s8_flip2", {"num_register_tokens": 2}),
         ("vit_ti8", {"window_dilation": 2, "alternate_dilation": True}),
         ("tiny", {}),  # refinement head
+        ("tiny_liftref", {}),  # the refinement on 4 copies
+        ("tiny_liftref", {"group": "d4"}),  # on 8 copies
         ("tiny", {"group": "d4", "n_lifted_blocks": 2, "n_global_blocks": 1}),
     ],
 )

@@ -24,6 +24,15 @@ def test_lifted_copies_and_width_order_the_batch_sizes():
     assert batch("vit_s8_flip4") == batch("vit_s8")  # global or local does not change the stored activations
 
 
+def test_memory_model_keeps_a_lifted_refinement_per_group_element():
+    symmetric, lifted = preset_kwargs("tiny"), preset_kwargs("tiny_liftref")
+    extra = estimate_training_vram_gb((96, 80), 1, 1, 3, lifted) - estimate_training_vram_gb(
+        (96, 80), 1, 1, 3, symmetric
+    )
+    refine_maps = 2 * 16 + 1  # features and hidden channels (16 each) and the image channel, 3 copies more
+    assert extra * 1e9 == pytest.approx(4 * 96 * 80 * 3 * refine_maps * 3)
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_gets_a_batch_within_the_bounds(preset):
     b = batch_size_for_memory((160, 160), 1, 3, preset_kwargs(preset), 8.0, max_batch_size=40, min_batch_size=2)
