@@ -101,6 +101,7 @@ PROFILE_2D = Profile(
         ("EquiFlex vit_ti8", "EquiFlexTrainerViTTi8", "EquiFlexPlans"),
         ("EquiFlex mini4", "EquiFlexTrainerMini4", "EquiFlexPlans"),
         ("EquiFlex micro4", "EquiFlexTrainerMicro4", "EquiFlexPlans"),
+        ("EquiFlex tiny, lifted refinement", "EquiFlexTrainerTinyLiftRef", "EquiFlexPlans"),
         ("EquiFlex tiny", "EquiFlexTrainerTiny", "EquiFlexPlans"),
         ("ViT-S/8 flip0, group none", "FlexTrainerFlip0", "EquiFlexPlans"),
     ],
@@ -129,18 +130,26 @@ PROFILE_3D = Profile(
     quick_networks=("nnUNetTrainer", "EquiFlexTrainerTiny3D"),
     cases="volumes of 16-20 x 40-48 x 40-48 voxels at 3 x 1 x 1 mm (synthetic_volumes)",
 )
-PRESET_OF_TRAINER = {
-    "EquiFlexTrainerViTS8": "vit_s8",
-    "EquiFlexTrainerFlip2": "vit_s8_flip2",
-    "EquiFlexTrainerFlip0": "vit_s8_flip0",
-    "EquiFlexTrainerViTTi8": "vit_ti8",
-    "EquiFlexTrainerMini4": "mini4",
-    "EquiFlexTrainerMicro4": "micro4",
-    "EquiFlexTrainerTiny": "tiny",
-    "EquiFlexTrainerViTS8_3D": "vit_s8_3d",
-    "EquiFlexTrainerViTTi8_3D": "vit_ti8_3d",
-    "EquiFlexTrainerTiny3D": "tiny3d",
-}
+
+
+def equivariant_presets(profiles: tuple[Profile, ...]) -> dict[str, str]:
+    """The preset of every equivariant EquiFlex trainer of the profiles (the rule's candidates), read off the
+    trainer classes: the CNN and the group-none ablations are not candidates."""
+    from nnunet_equiflex.network import preset_kwargs
+    from nnunet_equiflex.trainers import equiflex_trainers
+
+    presets = {}
+    for profile in profiles:
+        for _, trainer, _ in profile.networks:
+            cls = getattr(equiflex_trainers, trainer, None)
+            if not (isinstance(cls, type) and issubclass(cls, equiflex_trainers.EquiFlexTrainer)):
+                continue  # nnU-Net's CNN
+            if preset_kwargs(cls.network_preset, **cls.network_overrides)["group"] != "none":
+                presets[trainer] = cls.network_preset
+    return presets
+
+
+PRESET_OF_TRAINER = equivariant_presets((PROFILE_2D, PROFILE_3D))
 
 
 def parse_args() -> argparse.Namespace:

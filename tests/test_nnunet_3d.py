@@ -208,8 +208,8 @@ def test_flex_trainer_keeps_nnunets_3d_mirroring(dataset):
 @pytest.mark.parametrize(
     "trainer_name,planned,configuration,message",
     [
-        # a 2D preset's shape over the planned 3D network
-        ("EquiFlexTrainerTiny", "3d_fullres", "3d_fullres", r"cannot build a 3D network from its settings"),
+        # a 2D preset's whole shape (its spatial_dims included) over the planned 3D network
+        ("EquiFlexTrainerTiny", "3d_fullres", "3d_fullres", r"builds a 2D network; configuration '3d_fullres' has"),
         # nnU-Net's CNN 3d_fullres (only 2d planned for EquiFlex): the default vit_s8 preset is 2D
         ("EquiFlexTrainer", "2d", "3d_fullres", r"builds a 2D network; configuration '3d_fullres' has a 3D patch"),
         (

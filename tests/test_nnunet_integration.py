@@ -190,6 +190,7 @@ ALL_TRAINERS = [
     "EquiFlexTrainerTiny_budget",
     "EquiFlexTrainerMini4",
     "EquiFlexTrainerMicro4_budget",
+    "EquiFlexTrainerTinyLiftRef_budget",
     "EquiFlexTrainerTiny3D",
     "EquiFlexTrainerViTS8_3D",
     "EquiFlexTrainerViTTi8_3D",

@@ -27,10 +27,16 @@ def plans_naming(preset: str) -> PlansManager:
         ("EquiFlexTrainerTiny", "tiny"),
         ("EquiFlexTrainerMini4", "mini4"),
         ("EquiFlexTrainerMicro4", "micro4"),
+        ("EquiFlexTrainerTinyLiftRef", "tiny_liftref"),
     ],
 )
-def test_named_trainers_build_their_preset_over_plans_of_another(trainer, preset):
-    manager = plans_naming("tiny" if preset != "tiny" else "vit_s8")
+@pytest.mark.parametrize("planned", ["tiny", "mini4", "vit_s8"])
+def test_named_trainers_build_their_preset_over_plans_of_another(trainer, preset, planned):
+    """The preset's whole shape: settings the preset leaves at their defaults (no refinement, the lifted blocks as
+    the global ones) do not leak from plans of a preset that sets them (tiny's refinement, mini4's 2 global)."""
+    if planned == preset:
+        planned = "vit_ti8"
+    manager = plans_naming(planned)
     cls = getattr(equiflex_trainers, trainer)
     net = cls.build_network_architecture(manager, manager.get_configuration("2d"), 1, 3, False)
     expected = preset_kwargs(preset)
@@ -42,6 +48,10 @@ def test_named_trainers_build_their_preset_over_plans_of_another(trainer, preset
     )
     assert (enc.n_lifted_blocks, enc.group_pooling) == (expected["n_lifted_blocks"], expected["group_pooling"])
     assert enc.n_global_blocks == expected.get("n_global_blocks", expected["n_lifted_blocks"])
+    refinement = net.decoder.refinement
+    assert (refinement is not None) == expected.get("refine", False)
+    if refinement is not None:
+        assert (refinement.lifted_over is not None) == (expected.get("refine_mode") == "lifted")
 
 
 def test_default_trainer_follows_the_plans_and_flex_trainer_is_its_ablation():

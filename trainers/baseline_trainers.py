@@ -28,6 +28,7 @@ from nnunet_equiflex.trainers.equiflex_trainers import (
     EquiFlexTrainerMini4,
     EquiFlexTrainerTiny,
     EquiFlexTrainerTiny3D,
+    EquiFlexTrainerTinyLiftRef,
     EquiFlexTrainerViTS8,
     EquiFlexTrainerViTS8_3D,
     EquiFlexTrainerViTTi8,
@@ -54,6 +55,7 @@ __all__ = [
     "EquiFlexTrainerViTTi8_budget",
     "EquiFlexTrainerMini4_budget",
     "EquiFlexTrainerMicro4_budget",
+    "EquiFlexTrainerTinyLiftRef_budget",
     "EquiFlexTrainerTiny_budget",
     "FlexTrainerFlip0_budget",
     "FlexTrainerTiny_budget",
@@ -127,6 +129,7 @@ EquiFlexTrainerViTTi8_budget = budget_variant(EquiFlexTrainerViTTi8)
 EquiFlexTrainerTiny_budget = budget_variant(EquiFlexTrainerTiny)
 EquiFlexTrainerMini4_budget = budget_variant(EquiFlexTrainerMini4)
 EquiFlexTrainerMicro4_budget = budget_variant(EquiFlexTrainerMicro4)
+EquiFlexTrainerTinyLiftRef_budget = budget_variant(EquiFlexTrainerTinyLiftRef)
 FlexTrainerFlip0_budget = budget_variant(FlexTrainerFlip0)
 FlexTrainerTiny_budget = budget_variant(FlexTrainerTiny)
 FlexTrainerTinyNoMirroring_budget = budget_variant(FlexTrainerTinyNoMirroring)

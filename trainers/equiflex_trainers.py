@@ -20,7 +20,13 @@ from torch import nn
 import nnunet_equiflex.nnunet_patch  # noqa: F401  nnU-Net's predictor: mirror-symmetric window for our networks
 from nnunet_equiflex.atomic import atomic_write, remove_stale_partials
 from nnunet_equiflex.fault_injection import checkpoint_stream
-from nnunet_equiflex.network import DEFAULT_PRESET, EquiFlexFormer, preset_kwargs, unwrap_network
+from nnunet_equiflex.network import (
+    DEFAULT_PRESET,
+    EquiFlexFormer,
+    preset_kwargs,
+    preset_shape_kwargs,
+    unwrap_network,
+)
 from nnunet_equiflex.optim import vit_param_groups
 from nnunet_equiflex.planning import (
     fit_patch_size,
@@ -50,6 +56,7 @@ __all__ = [
     "EquiFlexTrainerTiny",
     "EquiFlexTrainerMini4",
     "EquiFlexTrainerMicro4",
+    "EquiFlexTrainerTinyLiftRef",
     "FlexTrainerTiny",
     "FlexTrainerTinyNoMirroring",
     "EquiFlexTrainerTiny_smoke",
@@ -274,7 +281,7 @@ class FlexTrainerNoMirroring(FlexTrainer):
 
 def _preset_variant(base: type, name: str, preset: str, doc: str) -> type:
     """A one-change subclass: the whole network shape of ``preset``, also over plans that name another."""
-    overrides = {**preset_kwargs(preset), **base.network_overrides}
+    overrides = {**preset_shape_kwargs(preset), **base.network_overrides}
     attributes = {"network_preset": preset, "network_overrides": overrides, "__doc__": doc, "__module__": __name__}
     return type(name, (base,), attributes)
 
@@ -316,7 +323,7 @@ class EquiFlexTrainerTiny(EquiFlexTrainer):
     """The tiny preset (64-dim, 4 blocks, token size 4): CPU runs, demos and tests."""
 
     network_preset = "tiny"
-    network_overrides = preset_kwargs("tiny")  # the whole shape, also over plans that name vit_s8
+    network_overrides = preset_shape_kwargs("tiny")  # the whole shape, also over plans that name vit_s8
     drop_path_rate = 0.0  # 4 blocks trained for a few hundred iterations: stochastic depth only slows them down
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
@@ -329,7 +336,7 @@ class EquiFlexTrainerMini4(EquiFlexTrainerTiny):
     """The mini4 preset (192 wide, 6 blocks, token size 4, lifted embedding folded into one pass, 2 global)."""
 
     network_preset = "mini4"
-    network_overrides = preset_kwargs("mini4")
+    network_overrides = preset_shape_kwargs("mini4")
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -340,7 +347,14 @@ class EquiFlexTrainerMicro4(EquiFlexTrainerMini4):
     """The micro4 preset: mini4 at 128 wide (4 heads)."""
 
     network_preset = "micro4"
-    network_overrides = preset_kwargs("micro4")
+    network_overrides = preset_shape_kwargs("micro4")
+
+
+class EquiFlexTrainerTinyLiftRef(EquiFlexTrainerTiny):
+    """tiny with the lifted full-resolution refinement (oriented kernels, run per group element)."""
+
+    network_preset = "tiny_liftref"
+    network_overrides = preset_shape_kwargs("tiny_liftref")
 
 
 class FlexTrainerTiny(EquiFlexTrainerTiny):
@@ -382,7 +396,7 @@ class EquiFlexTrainerTiny3D(EquiFlexTrainerTiny):
     spacing is (e.g. 2x4x4), and a token the plans chose fits their patch size."""
 
     network_preset = "tiny3d"
-    network_overrides = {k: v for k, v in preset_kwargs("tiny3d").items() if k != "patch_size"}
+    network_overrides = {k: v for k, v in preset_shape_kwargs("tiny3d").items() if k != "patch_size"}
 
 
 class EquiFlexTrainerTiny3D_smoke(EquiFlexTrainerTiny3D):
@@ -396,7 +410,7 @@ class EquiFlexTrainerTiny3D_smoke(EquiFlexTrainerTiny3D):
 def _preset_variant_3d(name: str, preset: str, doc: str) -> type:
     """As ``_preset_variant`` for a 3D preset, except the token size: the plans' (anisotropic where the spacing
     is, e.g. 4x8x8), so that it fits their patch size."""
-    overrides = {k: v for k, v in preset_kwargs(preset).items() if k != "patch_size"}
+    overrides = {k: v for k, v in preset_shape_kwargs(preset).items() if k != "patch_size"}
     attributes = {"network_preset": preset, "network_overrides": overrides, "__doc__": doc, "__module__": __name__}
     return type(name, (EquiFlexTrainer,), attributes)
 
