@@ -85,3 +85,24 @@ def test_the_data_digest_sees_one_changed_voxel(tmp_path):
     image[0, 3, 4] = 1.0
     sitk.WriteImage(sitk.GetImageFromArray(image), str(tmp_path / "imagesTr" / "a_0000.nii.gz"))
     assert records.data_digest(tmp_path) != before
+
+
+@pytest.mark.parametrize("folder,epochs", [("frontier_cpu", 12), ("frontier_cpu_long", 36)])
+def test_committed_records_fit_the_frontier_data_and_the_table_rule(tmp_path, folder, epochs):
+    """The README's tables come from these records: they must load for the data the frontier writes today (a
+    change of the generator would leave them describing other data) and name the profile's trainers, and the
+    table's own rule must still read them as the README reports (no preset within 1 point)."""
+    frontier = load_frontier()
+    records = load_records_module()
+    profile = frontier.PROFILE_2D
+    settings = dict(profile.settings["default"])
+    profile.generate(str(tmp_path), settings)
+    saved = {k: v for k, v in settings.items() if k != "repeats"}
+    saved["budget"] = [epochs, *saved["budget"][1:]]
+    loaded = records.load_records(FRONTIER.parent / folder / "records", saved, records.data_digest(
+        tmp_path / profile.dataset_name))  # fmt: skip
+    assert "nnUNetTrainer" in loaded and "EquiFlexTrainerTiny" in loaded
+    assert set(loaded) <= {t for _, t, _ in profile.networks}
+    table = [dict(trainer=trainer, use_mirroring=row["use_mirroring"], dice_mean=row["dice_mean"], seconds_per_case=1.0)
+             for trainer, record in loaded.items() for row in record["compare_rows"]]  # fmt: skip
+    assert frontier.choose_default(table) is None
