@@ -164,24 +164,10 @@ def plan_dataset(
     networks at the same batch). ``preset`` defaults to ``DEFAULT_PRESET`` for 2d, ``DEFAULT_PRESET_3D`` for 3d_fullres.
     """
     import json
-    import os
-    from pathlib import Path
 
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 
-    if not nnUNet_preprocessed:
-        raise FileNotFoundError(
-            "nnUNet_preprocessed is not set; export it (and nnUNet_raw, nnUNet_results) to the folders nnU-Net uses"
-        )
-    name = maybe_convert_to_dataset_name(dataset)
-    folder = Path(nnUNet_preprocessed) / name
-    if not (folder / "dataset_fingerprint.json").is_file():
-        raise FileNotFoundError(
-            f"no dataset fingerprint in {folder}; run `nnUNetv2_plan_and_preprocess -d {dataset} -c {configuration}` "
-            f"(or `nnUNetv2_extract_fingerprint -d {dataset}`) first"
-        )
+    name, folder = _fingerprinted_dataset(dataset, configuration)
     if preset is None:
         preset = DEFAULT_PRESET_3D if configuration == "3d_fullres" else DEFAULT_PRESET
     planner = EquiFlexPlanner(
@@ -203,28 +189,8 @@ def plan_dataset(
     recursive_fix_for_json_export(plans)
     plans = json.loads(json.dumps(plans))
     plans_file = folder / f"{plans_name}.json"
-    if plans_file.is_file():
-        old = json.loads(plans_file.read_text())
-        old_configurations = old.get("configurations", {})
-        for cfg, value in old_configurations.items():  # keep what was planned before, and custom configurations
-            if cfg != configuration:
-                plans["configurations"][cfg] = value
-        replaced = old_configurations.get(configuration)
-        compared = old
-        if replaced is not None and not describes_equiflex(replaced.get("architecture")):
-            # nnU-Net's CNN configuration gives way to ours without --overwrite
-            compared = {
-                **old,
-                "configurations": {**old_configurations, configuration: plans["configurations"][configuration]},
-            }
-        if compared != plans and not overwrite:
-            raise FileExistsError(
-                f"{plans_file} exists with different content; pass --overwrite to replace it (results trained "
-                "with the old plans keep their own copy in their results folder)"
-            )
-    tmp = plans_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(plans, indent=4))
-    os.replace(tmp, plans_file)
+    _keep_other_configurations(plans, plans_file, configuration, overwrite)
+    _write_atomically(plans_file, json.dumps(plans, indent=4))
     cfg = plans["configurations"][configuration]
     token = cfg["architecture"]["arch_kwargs"]["patch_size"]
     print(f"EquiFlex plans written to {plans_file}")
@@ -232,18 +198,79 @@ def plan_dataset(
         f"  {configuration}: patch size {cfg['patch_size']}, batch size {cfg['batch_size']}, data "
         f"{cfg['data_identifier']}" + (f", token size {token}" if configuration != "2d" else "")
     )
-
-    data_folder = folder / cfg["data_identifier"]
-    if not data_folder.is_dir() or not any(data_folder.iterdir()):
-        if preprocess:
-            from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess as nnunet_preprocess
-
-            nnunet_preprocess(
-                [int(name[7:10])], plans_name, configurations=(configuration,), num_processes=(num_processes,)
-            )
-        else:
-            print(
-                f"  preprocessed data {data_folder} is missing: run `nnUNetv2_preprocess -d {dataset} -plans_name "
-                f"{plans_name} -c {configuration}` or add --preprocess"
-            )
+    _check_preprocessed(
+        folder / cfg["data_identifier"], name, dataset, plans_name, configuration, preprocess, num_processes
+    )
     return plans
+
+
+def _fingerprinted_dataset(dataset: str | int, configuration: str):
+    """(dataset name, its nnUNet_preprocessed folder), once nnU-Net's fingerprint is there."""
+    from pathlib import Path
+
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    if not nnUNet_preprocessed:
+        raise FileNotFoundError(
+            "nnUNet_preprocessed is not set; export it (and nnUNet_raw, nnUNet_results) to the folders nnU-Net uses"
+        )
+    name = maybe_convert_to_dataset_name(dataset)
+    folder = Path(nnUNet_preprocessed) / name
+    if not (folder / "dataset_fingerprint.json").is_file():
+        raise FileNotFoundError(
+            f"no dataset fingerprint in {folder}; run `nnUNetv2_plan_and_preprocess -d {dataset} -c {configuration}` "
+            f"(or `nnUNetv2_extract_fingerprint -d {dataset}`) first"
+        )
+    return name, folder
+
+
+def _keep_other_configurations(plans: dict, plans_file, configuration: str, overwrite: bool) -> None:
+    """Copy the existing file's other configurations into ``plans``; refuse to replace different content
+    without ``overwrite`` (nnU-Net's CNN configuration gives way to ours without it)."""
+    import json
+
+    if not plans_file.is_file():
+        return
+    old = json.loads(plans_file.read_text())
+    old_configurations = old.get("configurations", {})
+    for cfg, value in old_configurations.items():  # keep what was planned before, and custom configurations
+        if cfg != configuration:
+            plans["configurations"][cfg] = value
+    replaced = old_configurations.get(configuration)
+    compared = old
+    if replaced is not None and not describes_equiflex(replaced.get("architecture")):
+        compared = {
+            **old,
+            "configurations": {**old_configurations, configuration: plans["configurations"][configuration]},
+        }
+    if compared != plans and not overwrite:
+        raise FileExistsError(
+            f"{plans_file} exists with different content; pass --overwrite to replace it (results trained "
+            "with the old plans keep their own copy in their results folder)"
+        )
+
+
+def _write_atomically(path, text: str) -> None:
+    import os
+
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _check_preprocessed(data_folder, name, dataset, plans_name, configuration, preprocess, num_processes) -> None:
+    """Preprocess a missing data folder with ``preprocess``, else say which command does it."""
+    if data_folder.is_dir() and any(data_folder.iterdir()):
+        return
+    if preprocess:
+        from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess as nnunet_preprocess
+
+        nnunet_preprocess(
+            [int(name[7:10])], plans_name, configurations=(configuration,), num_processes=(num_processes,)
+        )
+    else:
+        print(
+            f"  preprocessed data {data_folder} is missing: run `nnUNetv2_preprocess -d {dataset} -plans_name "
+            f"{plans_name} -c {configuration}` or add --preprocess"
+        )
