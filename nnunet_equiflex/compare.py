@@ -90,6 +90,7 @@ class MethodResult:
     dice_mean: float = float("nan")  # mean over folds of the foreground mean
     dice_std: float = float("nan")  # std over folds of the foreground mean
     dice_per_fold: list[float] = field(default_factory=list)
+    dice_per_case: dict[str, float] = field(default_factory=dict)  # "fold_F/CASE": mean over foreground classes
     seconds_per_case: float = float("nan")
     params: int = 0
     gflops_per_pass: float = float("nan")
@@ -531,6 +532,8 @@ def _finish_rows(tally: _Tally, num_folds: int, flip_check: bool) -> list[Method
         row.dice_per_fold = [float(m["foreground_mean"]["Dice"]) for m in metrics]
         row.dice_mean = float(np.mean(row.dice_per_fold))
         row.dice_std = float(np.std(row.dice_per_fold))
+        for fold, m in zip(row.folds, metrics, strict=True):
+            row.dice_per_case.update(_case_dice(m, fold))
         for key, name in tally.class_names.items():
             row.dice_per_class[name] = float(np.mean([_class_dice(m, key) for m in metrics]))
         if flip_check:
@@ -599,6 +602,17 @@ def compare(
     write_outputs(out_dir, rows, list(tally.class_names.values()), test_sets, dataset_json)
     log(f"wrote {', '.join(OUTPUT_FILES)} to {out_dir}")
     return rows
+
+
+def _case_dice(metrics: dict, fold: int) -> dict[str, float]:
+    """Each case's Dice averaged over the foreground classes (classes absent from label and prediction,
+    which nnU-Net scores NaN, are left out; a case with none left is NaN)."""
+    scores = {}
+    for case in metrics["metric_per_case"]:
+        name = Path(case["reference_file"]).name
+        values = [v["Dice"] for v in case["metrics"].values() if not np.isnan(v["Dice"])]
+        scores[f"fold_{fold}/{name}"] = float(np.mean(values)) if values else float("nan")
+    return scores
 
 
 def _class_dice(metrics: dict, key: str) -> float:

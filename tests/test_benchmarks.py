@@ -94,6 +94,7 @@ def test_frontier_quick_run_trains_compares_times_and_applies_the_rule(tmp_path)
     assert cnn_tta["passes"] == 4 and tiny["passes"] == 1 and cnn_tta["speedup_vs_cnn_tta"] == 1.0
     assert 0.0 <= tiny["dice_mean"] <= 1.0 and tiny["seconds_per_case"] > 0 and tiny["train_s_per_iteration"] > 0
     assert tiny["gflops_per_tile"] < cnn_tta["gflops_per_tile"]
+    assert len(tiny["dice_per_case"]) == 4 and "| median case Dice | cases < 0.5 |" in out  # the 4 test slices
     assert (folder / "frontier.png").stat().st_size > 10_000 and (folder / "frontier.csv").is_file()
     # a rerun resumes: every nnU-Net step is skipped, the timing and the table are redone
     again = run_benchmark("frontier.py", str(tmp_path / "frontier"), "--quick")
@@ -130,3 +131,18 @@ def test_frontier_records_spread_the_training_over_runs(tmp_path):
     assert cnn_tta["dice_mean"] == recorded["dice_mean"] and cnn_tta["seconds_per_case"] > 0
     assert cnn_tta["train_s_per_epoch_log"] == cnn["train_s_per_epoch_log"]
     assert any(r["row"] == "EquiFlex tiny (1 pass)" for r in rows)
+
+
+def test_lr_sweep_quick_run_trains_with_the_learning_rate_it_names(tmp_path):
+    out = run_benchmark("lr_sweep.py", str(tmp_path / "sweep"), "--quick", "--trainer", "EquiFlexTrainerTiny",
+                        "--lrs", "0.004")  # fmt: skip
+    assert "# Learning-rate sweep of EquiFlexTrainerTiny" in out and "= 8 iterations" in out
+    assert "| initial lr | run | Dice RV | Dice MLV | Dice LVC | mean Dice | median case Dice | cases < 0.5 |" in out
+    assert "| 0.004 | 1 |" in out
+    log = (tmp_path / "sweep" / "logs" / "lr_sweep_EquiFlexTrainerTiny_lr_0.004.txt").read_text()
+    assert "Current learning rate: 0.004" in log  # the first epoch (no warmup at 2 epochs) runs at the swept lr
+    rows = json.loads((tmp_path / "sweep" / "lr_sweep" / "EquiFlexTrainerTiny" / "sweep.json").read_text())
+    assert rows[0]["lr"] == 0.004 and rows[0]["failed_cases"].endswith("/4") and 0 <= rows[0]["dice_mean"] <= 1
+    again = run_benchmark("lr_sweep.py", str(tmp_path / "sweep"), "--quick", "--trainer", "EquiFlexTrainerTiny",
+                          "--lrs", "0.004")  # fmt: skip
+    assert "== lr_sweep_EquiFlexTrainerTiny_lr_0.004_train: done in an earlier run, skipped" in again

@@ -7,6 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from nnunet_equiflex.compare import CompareError, compare
@@ -64,6 +65,11 @@ def test_dice_equals_nnunet_evaluation_of_the_written_predictions(comparison, tr
         assert row["dice_per_class"]["square"] == pytest.approx(metrics["mean"]["2"]["Dice"], abs=1e-12)
         assert row["dice_std"] == 0.0 and row["folds"] == [0]
         assert 0.5 < row["dice_mean"] <= 1.0  # a short training, but a real one
+        per_case = {Path(c["reference_file"]).name: c["metrics"] for c in metrics["metric_per_case"]}
+        assert set(row["dice_per_case"]) == {f"fold_0/{name}" for name in per_case}
+        for name, case in per_case.items():
+            expected = np.nanmean([case["1"]["Dice"], case["2"]["Dice"]])
+            assert row["dice_per_case"][f"fold_0/{name}"] == pytest.approx(expected, abs=1e-12), (method, name)
 
 
 def test_cost_columns(comparison):

@@ -106,3 +106,18 @@ def test_committed_records_fit_the_frontier_data_and_the_table_rule(tmp_path, fo
     table = [dict(trainer=trainer, use_mirroring=row["use_mirroring"], dice_mean=row["dice_mean"], seconds_per_case=1.0)
              for trainer, record in loaded.items() for row in record["compare_rows"]]  # fmt: skip
     assert frontier.choose_default(table) is None
+
+
+def test_case_columns_count_missed_cases_and_read_older_records_as_unknown():
+    """A mean pulled down by a few missed cases shows as a high median with failed cases; records written
+    before per-case Dice show "-" rather than a made-up number."""
+    frontier = load_frontier()
+    cases = {"fold_0/a.nii.gz": 0.9, "fold_0/b.nii.gz": 0.8, "fold_0/c.nii.gz": 0.0, "fold_0/d.nii.gz": float("nan")}
+    assert frontier.case_cells({"dice_per_case": cases}) == ["0.8000", "1/3"]
+    assert frontier.case_cells({"dice_per_case": {}}) == ["-", "-"]
+    assert frontier.case_cells({}) == ["-", "-"]
+    table = [dict(row("nnUNetTrainer", 0.86, 1.0, tta=True), row="CNN", dice_per_class={"RV": 0.8}, params=1,
+                  gflops_per_tile=1.0, train_s_per_iteration=1.0, train_s_per_epoch_log=1.0, flip_consistency=1.0,
+                  dice_per_case=cases)]  # fmt: skip
+    text = frontier.markdown(table)
+    assert "| median case Dice | cases < 0.5 |" in text and "| 0.8000 | 1/3 |" in text

@@ -171,3 +171,20 @@ def test_budget_trainers_checkpoint_every_epoch_so_a_killed_benchmark_resumes(mo
     trainer = baseline_trainers.budget_variant(Base)(None, "2d", 0, None, torch.device("cpu"))
     assert trainer.save_every == 1
     assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch) == (12, 50, 5)
+
+
+def test_budget_trainers_take_the_sweeps_learning_rate_and_name_the_variable_on_a_bad_one(monkeypatch):
+    class Base:
+        def __init__(self, plans, configuration, fold, dataset_json, device):
+            self.initial_lr = 0.01
+
+    monkeypatch.setenv("EQUIFLEX_BUDGET", "12,50,5")
+    variant = baseline_trainers.budget_variant(Base)
+    monkeypatch.delenv("EQUIFLEX_LR", raising=False)
+    assert variant(None, "2d", 0, None, torch.device("cpu")).initial_lr == 0.01  # unset: the trainer's own
+    monkeypatch.setenv("EQUIFLEX_LR", "0.004")
+    assert variant(None, "2d", 0, None, torch.device("cpu")).initial_lr == 0.004
+    for value in ("x", "0", "-1e-3", "inf", "nan"):
+        monkeypatch.setenv("EQUIFLEX_LR", value)
+        with pytest.raises(RuntimeError, match=r"EQUIFLEX_LR=.*one positive number, e.g. export EQUIFLEX_LR=0.002"):
+            variant(None, "2d", 0, None, torch.device("cpu"))

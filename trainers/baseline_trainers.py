@@ -45,6 +45,7 @@ __all__ = [
     "nnUNetTrainer_equiflexDemo",
     "EquiFlexTrainerTiny_demo",
     "BUDGET_ENV",
+    "LR_ENV",
     "budget_variant",
     "nnUNetTrainer_budget",
     "nnUNetTrainerNoMirroring_budget",
@@ -107,12 +108,36 @@ def budget_from_env() -> tuple[int, int, int]:
     return budget
 
 
+LR_ENV = "EQUIFLEX_LR"
+
+
+def lr_from_env() -> float | None:
+    """``EQUIFLEX_LR=0.004``: the ``*_budget`` trainers' initial learning rate (``benchmarks/lr_sweep.py``);
+    None (unset or empty) keeps the trainer's own."""
+    value = os.environ.get(LR_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        lr = float(value)
+    except ValueError:
+        lr = float("nan")
+    if not lr > 0 or lr == float("inf"):
+        raise RuntimeError(
+            f"{LR_ENV}={value!r}: the *_budget trainers take their initial learning rate from this variable, as one "
+            f"positive number, e.g. export {LR_ENV}=0.002; unset it to keep the trainer's own"
+        )
+    return lr
+
+
 def budget_variant(base: type) -> type:
     """``<base>_budget``: ``base`` with the budget of ``EQUIFLEX_BUDGET`` (benchmarks train every network the same)."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         base.__init__(self, plans, configuration, fold, dataset_json, device)
         _set_budget(self, budget_from_env())
+        lr = lr_from_env()
+        if lr is not None:
+            self.initial_lr = lr
         self.save_every = 1  # a benchmark's training of hours resumes from the last epoch (`--c`), not from epoch 0
 
     doc = f"{base.__name__} with the training budget of ${BUDGET_ENV} (EPOCHS,ITERATIONS,VALIDATION_ITERATIONS)."
