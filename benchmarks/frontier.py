@@ -102,6 +102,7 @@ PROFILE_2D = Profile(
         ("EquiFlex mini4", "EquiFlexTrainerMini4", "EquiFlexPlans"),
         ("EquiFlex micro4", "EquiFlexTrainerMicro4", "EquiFlexPlans"),
         ("EquiFlex tiny, lifted refinement", "EquiFlexTrainerTinyLiftRef", "EquiFlexPlans"),
+        ("EquiFlex tiny, 4 lifted blocks", "EquiFlexTrainerTinyLift4", "EquiFlexPlans"),
         ("EquiFlex tiny", "EquiFlexTrainerTiny", "EquiFlexPlans"),
         ("ViT-S/8 flip0, group none", "FlexTrainerFlip0", "EquiFlexPlans"),
     ],

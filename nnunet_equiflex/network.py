@@ -85,6 +85,10 @@ PRESETS["micro4"] = dict(_TOKEN4_FLIP0, embed_dim=128, num_heads=4)  # 128 wide,
 # tiny with the lifted refinement (|G| passes of a small full-resolution CNN with oriented kernels) instead of the
 # symmetrised one (even kernels only): does the head's resolution of boundaries limit the Dice? (the frontier says)
 PRESETS["tiny_liftref"] = dict(PRESETS["tiny"], refine_mode="lifted")
+# tiny with every block lifted (block 0 global, 1-3 local) and max-pooled only before the head: the tokens keep
+# oriented features through all blocks (after the pooling they are invariant, and the local windows, which carry
+# no position, see their keys as a set). Does losing orientation after the pooling limit the Dice? (the frontier)
+PRESETS["tiny_lift4"] = dict(PRESETS["tiny"], n_lifted_blocks=4, n_global_blocks=1)
 
 # 3D presets, apart from the 2D ones above (which the 2D planner and trainers offer): volumes (B, C, D, H, W).
 PRESETS_3D: dict[str, dict[str, Any]] = {

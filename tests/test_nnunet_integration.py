@@ -191,6 +191,7 @@ ALL_TRAINERS = [
     "EquiFlexTrainerMini4",
     "EquiFlexTrainerMicro4_budget",
     "EquiFlexTrainerTinyLiftRef_budget",
+    "EquiFlexTrainerTinyLift4_budget",
     "EquiFlexTrainerTiny3D",
     "EquiFlexTrainerViTS8_3D",
     "EquiFlexTrainerViTTi8_3D",

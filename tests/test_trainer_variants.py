@@ -28,6 +28,7 @@ def plans_naming(preset: str) -> PlansManager:
         ("EquiFlexTrainerMini4", "mini4"),
         ("EquiFlexTrainerMicro4", "micro4"),
         ("EquiFlexTrainerTinyLiftRef", "tiny_liftref"),
+        ("EquiFlexTrainerTinyLift4", "tiny_lift4"),
     ],
 )
 @pytest.mark.parametrize("planned", ["tiny", "mini4", "vit_s8"])

@@ -28,6 +28,7 @@ from nnunet_equiflex.trainers.equiflex_trainers import (
     EquiFlexTrainerMini4,
     EquiFlexTrainerTiny,
     EquiFlexTrainerTiny3D,
+    EquiFlexTrainerTinyLift4,
     EquiFlexTrainerTinyLiftRef,
     EquiFlexTrainerViTS8,
     EquiFlexTrainerViTS8_3D,
@@ -57,6 +58,7 @@ __all__ = [
     "EquiFlexTrainerMini4_budget",
     "EquiFlexTrainerMicro4_budget",
     "EquiFlexTrainerTinyLiftRef_budget",
+    "EquiFlexTrainerTinyLift4_budget",
     "EquiFlexTrainerTiny_budget",
     "FlexTrainerFlip0_budget",
     "FlexTrainerTiny_budget",
@@ -155,6 +157,7 @@ EquiFlexTrainerTiny_budget = budget_variant(EquiFlexTrainerTiny)
 EquiFlexTrainerMini4_budget = budget_variant(EquiFlexTrainerMini4)
 EquiFlexTrainerMicro4_budget = budget_variant(EquiFlexTrainerMicro4)
 EquiFlexTrainerTinyLiftRef_budget = budget_variant(EquiFlexTrainerTinyLiftRef)
+EquiFlexTrainerTinyLift4_budget = budget_variant(EquiFlexTrainerTinyLift4)
 FlexTrainerFlip0_budget = budget_variant(FlexTrainerFlip0)
 FlexTrainerTiny_budget = budget_variant(FlexTrainerTiny)
 FlexTrainerTinyNoMirroring_budget = budget_variant(FlexTrainerTinyNoMirroring)

@@ -57,6 +57,7 @@ __all__ = [
     "EquiFlexTrainerMini4",
     "EquiFlexTrainerMicro4",
     "EquiFlexTrainerTinyLiftRef",
+    "EquiFlexTrainerTinyLift4",
     "FlexTrainerTiny",
     "FlexTrainerTinyNoMirroring",
     "EquiFlexTrainerTiny_smoke",
@@ -355,6 +356,13 @@ class EquiFlexTrainerTinyLiftRef(EquiFlexTrainerTiny):
 
     network_preset = "tiny_liftref"
     network_overrides = preset_shape_kwargs("tiny_liftref")
+
+
+class EquiFlexTrainerTinyLift4(EquiFlexTrainerTiny):
+    """tiny with all 4 blocks lifted (4 copies, max-pooled before the head), block 0 global, 1-3 local."""
+
+    network_preset = "tiny_lift4"
+    network_overrides = preset_shape_kwargs("tiny_lift4")
 
 
 class FlexTrainerTiny(EquiFlexTrainerTiny):
