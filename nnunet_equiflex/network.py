@@ -89,6 +89,8 @@ PRESETS["tiny_liftref"] = dict(PRESETS["tiny"], refine_mode="lifted")
 # oriented features through all blocks (after the pooling they are invariant, and the local windows, which carry
 # no position, see their keys as a set). Does losing orientation after the pooling limit the Dice? (the frontier)
 PRESETS["tiny_lift4"] = dict(PRESETS["tiny"], n_lifted_blocks=4, n_global_blocks=1)
+# tiny_lift4 at twice the width (128, 4 heads of 32): does the all-lifted design gain from capacity? (the frontier)
+PRESETS["small_lift4"] = dict(PRESETS["tiny_lift4"], embed_dim=128)
 
 # 3D presets, apart from the 2D ones above (which the 2D planner and trainers offer): volumes (B, C, D, H, W).
 PRESETS_3D: dict[str, dict[str, Any]] = {

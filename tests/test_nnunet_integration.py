@@ -192,6 +192,7 @@ ALL_TRAINERS = [
     "EquiFlexTrainerMicro4_budget",
     "EquiFlexTrainerTinyLiftRef_budget",
     "EquiFlexTrainerTinyLift4_budget",
+    "EquiFlexTrainerSmallLift4_budget",
     "EquiFlexTrainerTiny3D",
     "EquiFlexTrainerViTS8_3D",
     "EquiFlexTrainerViTTi8_3D",

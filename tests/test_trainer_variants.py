@@ -29,6 +29,7 @@ def plans_naming(preset: str) -> PlansManager:
         ("EquiFlexTrainerMicro4", "micro4"),
         ("EquiFlexTrainerTinyLiftRef", "tiny_liftref"),
         ("EquiFlexTrainerTinyLift4", "tiny_lift4"),
+        ("EquiFlexTrainerSmallLift4", "small_lift4"),
     ],
 )
 @pytest.mark.parametrize("planned", ["tiny", "mini4", "vit_s8"])

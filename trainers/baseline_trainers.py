@@ -26,6 +26,7 @@ from nnunet_equiflex.trainers.equiflex_trainers import (
     EquiFlexTrainerFlip4,
     EquiFlexTrainerMicro4,
     EquiFlexTrainerMini4,
+    EquiFlexTrainerSmallLift4,
     EquiFlexTrainerTiny,
     EquiFlexTrainerTiny3D,
     EquiFlexTrainerTinyLift4,
@@ -59,6 +60,7 @@ __all__ = [
     "EquiFlexTrainerMicro4_budget",
     "EquiFlexTrainerTinyLiftRef_budget",
     "EquiFlexTrainerTinyLift4_budget",
+    "EquiFlexTrainerSmallLift4_budget",
     "EquiFlexTrainerTiny_budget",
     "FlexTrainerFlip0_budget",
     "FlexTrainerTiny_budget",
@@ -158,6 +160,7 @@ EquiFlexTrainerMini4_budget = budget_variant(EquiFlexTrainerMini4)
 EquiFlexTrainerMicro4_budget = budget_variant(EquiFlexTrainerMicro4)
 EquiFlexTrainerTinyLiftRef_budget = budget_variant(EquiFlexTrainerTinyLiftRef)
 EquiFlexTrainerTinyLift4_budget = budget_variant(EquiFlexTrainerTinyLift4)
+EquiFlexTrainerSmallLift4_budget = budget_variant(EquiFlexTrainerSmallLift4)
 FlexTrainerFlip0_budget = budget_variant(FlexTrainerFlip0)
 FlexTrainerTiny_budget = budget_variant(FlexTrainerTiny)
 FlexTrainerTinyNoMirroring_budget = budget_variant(FlexTrainerTinyNoMirroring)

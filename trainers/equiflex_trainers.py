@@ -58,6 +58,7 @@ __all__ = [
     "EquiFlexTrainerMicro4",
     "EquiFlexTrainerTinyLiftRef",
     "EquiFlexTrainerTinyLift4",
+    "EquiFlexTrainerSmallLift4",
     "FlexTrainerTiny",
     "FlexTrainerTinyNoMirroring",
     "EquiFlexTrainerTiny_smoke",
@@ -363,6 +364,13 @@ class EquiFlexTrainerTinyLift4(EquiFlexTrainerTiny):
 
     network_preset = "tiny_lift4"
     network_overrides = preset_shape_kwargs("tiny_lift4")
+
+
+class EquiFlexTrainerSmallLift4(EquiFlexTrainerTiny):
+    """tiny_lift4 at twice the width (128, 4 heads): all 4 blocks lifted, block 0 global, 1-3 local."""
+
+    network_preset = "small_lift4"
+    network_overrides = preset_shape_kwargs("small_lift4")
 
 
 class FlexTrainerTiny(EquiFlexTrainerTiny):
