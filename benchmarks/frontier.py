@@ -52,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import allow_many_compiles
 from frontier_records import data_digest, load_records, make_record, untrained_model_dir, write_record
 
 from nnunet_equiflex.main_job import TRAINING_PROGRESS, Steps, job_env, run_logged
@@ -359,6 +360,9 @@ def timing(settings: dict, env: dict, device: torch.device, model_dirs: dict[str
     ``model_dirs``: each network's model folder (trained here, or an untrained copy of a recorded one)."""
     from nnunet_equiflex.compare import count_flops
 
+    # One process times every row: past dynamo's recompile limit (8 graphs of the compiled window attention, a few
+    # per network) the later rows would run it eagerly and read slower than a user's single-network process.
+    allow_many_compiles()
     profile = settings["profile"]
     cases = test_cases(Path(env["nnUNet_raw"]) / profile.dataset_name)
     predict_calls, step_calls, info = {}, {}, {}
