@@ -60,7 +60,7 @@ DATASET_JSON = {
     "file_ending": ".nii.gz",
 }
 NUM_CLASSES = len(DATASET_JSON["labels"])
-TIMED_PRESETS = ("vit_s8", "vit_s8_flip2", "vit_s8_flip0", "vit_ti8", "tiny")
+TIMED_PRESETS = ("small_lift4", "tiny_lift4", "vit_s8", "vit_s8_flip2", "vit_s8_flip0", "vit_ti8", "tiny")
 # 3d_fullres: thick slices (3 mm) of 1 mm pixels, so the planner's tokens are 4x8x8 for the 8 px presets.
 SPACING_3D = (3.0, 1.0, 1.0)
 PATCH_3D, QUICK_PATCH_3D = (32, 96, 96), (16, 64, 64)
@@ -182,7 +182,7 @@ def parse_args() -> argparse.Namespace:
     args.default = args.default or (DEFAULT_PRESET_3D if args.three_d else DEFAULT_PRESET)
     if args.presets is None:
         small, timed = ("tiny3d", TIMED_PRESETS_3D) if args.three_d else ("tiny", TIMED_PRESETS)
-        args.presets = list(dict.fromkeys([args.default, small] if args.quick else timed))
+        args.presets = list(dict.fromkeys([args.default, small] if args.quick else [args.default, *timed]))
     return args
 
 

@@ -91,7 +91,8 @@ def test_the_data_digest_sees_one_changed_voxel(tmp_path):
 def test_committed_records_fit_the_frontier_data_and_the_table_rule(tmp_path, folder, epochs):
     """The README's tables come from these records: they must load for the data the frontier writes today (a
     change of the generator would leave them describing other data) and name the profile's trainers, and the
-    table's own rule must still read them as the README reports (no preset within 1 point)."""
+    table's own rule must still read them as the README reports (no preset within 1 point; the fallback is the
+    default)."""
     frontier = load_frontier()
     records = load_records_module()
     profile = frontier.PROFILE_2D
@@ -106,6 +107,10 @@ def test_committed_records_fit_the_frontier_data_and_the_table_rule(tmp_path, fo
     table = [dict(trainer=trainer, use_mirroring=row["use_mirroring"], dice_mean=row["dice_mean"], seconds_per_case=1.0)
              for trainer, record in loaded.items() for row in record["compare_rows"]]  # fmt: skip
     assert frontier.choose_default(table) is None
+    if folder == "frontier_cpu":  # DEFAULT_PRESET is the rule's fallback over these records: the highest mean Dice
+        from nnunet_equiflex.network import DEFAULT_PRESET
+
+        assert frontier.PRESET_OF_TRAINER[frontier.closest_preset(table)["trainer"]] == DEFAULT_PRESET
 
 
 def test_case_columns_count_missed_cases_and_read_older_records_as_unknown():

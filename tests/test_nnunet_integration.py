@@ -298,17 +298,19 @@ def test_patch_size_off_the_token_grid_is_fixed_with_a_note(in_process_env):
         assert "Note: patch size (46, 50) is not a multiple of the token size 4" in f.read()
 
 
-def test_default_nnunet_plans_work_with_the_vit_s8_default(in_process_env):
-    """Without our planner: the default nnUNetPlans' CNN architecture is replaced by vit_s8."""
+def test_default_nnunet_plans_work_with_the_default_preset(in_process_env):
+    """Without our planner: the default nnUNetPlans' CNN architecture is replaced by the default preset."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+    from nnunet_equiflex.network import DEFAULT_PRESET, preset_kwargs
     from nnunet_equiflex.trainers.equiflex_trainers import EquiFlexTrainer
 
     folder = in_process_env["root"] / "preprocessed" / in_process_env["raw"].name
     plans = json.loads((folder / "nnUNetPlans.json").read_text())
     manager = PlansManager(plans)
     net = EquiFlexTrainer.build_network_architecture(manager, manager.get_configuration("2d"), 1, 3, True)
-    assert len(net.encoder.blocks) == 12 and net.encoder.embed_dim == 384
+    expected = preset_kwargs(DEFAULT_PRESET)
+    assert (len(net.encoder.blocks), net.encoder.embed_dim) == (expected["depth"], expected["embed_dim"])
     patch = manager.get_configuration("2d").patch_size
     with torch.no_grad():
         assert net.eval()(torch.zeros(1, 1, *patch)).shape == (1, 3, *patch)

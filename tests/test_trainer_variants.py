@@ -56,6 +56,30 @@ def test_named_trainers_build_their_preset_over_plans_of_another(trainer, preset
         assert (refinement.lifted_over is not None) == (expected.get("refine_mode") == "lifted")
 
 
+def test_default_trainer_over_the_default_plans_is_the_measured_named_trainer():
+    """What `nnunet-equiflex plan` + `-tr EquiFlexTrainer` train is what the frontier measured for the default:
+    the same network (same weights from the same seed) and the same recipe as its named trainer."""
+    manager = plans_naming(DEFAULT_PRESET)
+    config = manager.get_configuration("2d")
+    named = {cls.network_preset: cls for cls in _equiflex_trainer_classes() if cls.__name__.endswith("Lift4")}
+    measured = named[DEFAULT_PRESET]
+    nets = []
+    for cls in (equiflex_trainers.EquiFlexTrainer, measured):
+        torch.manual_seed(0)
+        nets.append(cls.build_network_architecture(manager, config, 1, 3, False))
+    for (name, a), (_, b) in zip(nets[0].state_dict().items(), nets[1].state_dict().items()):
+        assert torch.equal(a, b), name
+    kwargs = equiflex_trainers._configured_kwargs(measured, config)
+    recipe = equiflex_trainers.trainer_recipe
+    assert recipe(equiflex_trainers.EquiFlexTrainer, kwargs) == recipe(measured, kwargs)
+    assert recipe(equiflex_trainers.EquiFlexTrainer, kwargs).lr == 2e-3
+    # over plans of a 12-block ViT the default trainer takes the ViT recipe, as the ViT-S/8 trainers do
+    vit_plans = plans_naming("vit_s8").get_configuration("2d")
+    vit = equiflex_trainers._configured_kwargs(equiflex_trainers.EquiFlexTrainer, vit_plans)
+    assert recipe(equiflex_trainers.EquiFlexTrainer, vit) == equiflex_trainers.VIT_RECIPE
+    assert recipe(equiflex_trainers.EquiFlexTrainerViTS8, vit) == equiflex_trainers.VIT_RECIPE
+
+
 def test_default_trainer_follows_the_plans_and_flex_trainer_is_its_ablation():
     manager = plans_naming("vit_ti8")
     config = manager.get_configuration("2d")
@@ -67,14 +91,20 @@ def test_default_trainer_follows_the_plans_and_flex_trainer_is_its_ablation():
     assert ablation.encoder.n_global_blocks == 2
 
 
-def test_pretrained_trainer_keeps_the_checkpoints_shape_over_plans_of_another_preset():
-    """DINO ViT-S/8 weights need the ViT-S/8 shape, whichever preset `nnunet-equiflex plan` wrote."""
-    manager = plans_naming("vit_ti8")
+@pytest.mark.parametrize("planned", ["vit_ti8", DEFAULT_PRESET])
+def test_pretrained_trainer_keeps_the_checkpoints_shape_over_plans_of_another_preset(planned):
+    """DINO ViT-S/8 weights need the ViT-S/8 shape (its position grid, no refinement head), whichever preset
+    `nnunet-equiflex plan` wrote; the lifting is the plans'."""
+    manager = plans_naming(planned)
     cls = equiflex_trainers.EquiFlexTrainerPretrained
-    net = cls.build_network_architecture(manager, manager.get_configuration("2d"), 1, 3, False)
+    with torch.device("meta"):
+        net = cls.build_network_architecture(manager, manager.get_configuration("2d"), 1, 3, False)
     enc = net.encoder
     assert (enc.embed_dim, len(enc.blocks), enc.patch_size) == (384, 12, 8)
-    assert enc.n_lifted_blocks == preset_kwargs("vit_ti8")["n_lifted_blocks"]  # the plans' lifting
+    assert enc.pos_embed_grid == (28, 28)
+    assert net.decoder.refinement is None
+    expected = preset_kwargs(planned)
+    assert (enc.n_lifted_blocks, enc.group_pooling) == (expected["n_lifted_blocks"], expected["group_pooling"])
 
 
 def test_budget_trainers_need_a_valid_budget(monkeypatch):
@@ -111,16 +141,16 @@ def block_rates(net) -> list[float]:
 @pytest.mark.parametrize("plans", ["EquiFlexPlans", "nnUNetPlans"])
 @pytest.mark.parametrize("trainer", _equiflex_trainer_classes(), ids=lambda c: c.__name__)
 def test_every_trainer_builds_its_documented_drop_path_with_either_plans(trainer, plans):
-    """0.1 at the last block for the ViT-S/Ti trainers, 0 for the tiny CPU trainers, whatever the plans say."""
+    """0.1 at the last block for the 12-block ViT-S/Ti networks, 0 for the tiny CPU trainers and for networks of up
+    to 4 blocks (the default's), whatever the plans say."""
     manager = plans_naming("tiny") if plans == "EquiFlexPlans" else cnn_plans()
     if plans == "EquiFlexPlans":  # plans that ask for another rate: the trainer's recipe still wins
         manager.plans["configurations"]["2d"]["architecture"]["arch_kwargs"]["drop_path_rate"] = 0.3
-    expected = 0.0 if issubclass(trainer, equiflex_trainers.EquiFlexTrainerTiny) else 0.1
-    assert trainer.drop_path_rate == expected
     # the shapes and rates without initialising 21M parameters per trainer (GMR's init reads values: on CPU)
     with torch.device("cpu" if issubclass(trainer, equiflex_trainers.EquiFlexTrainerGMR) else "meta"):
         net = trainer.build_network_architecture(manager, manager.get_configuration("2d"), 1, 3, False)
     depth = len(net.encoder.blocks)
+    expected = 0.0 if issubclass(trainer, equiflex_trainers.EquiFlexTrainerTiny) or depth <= 4 else 0.1
     assert block_rates(net) == [(r, r) for r in torch.linspace(0, expected, depth).tolist()]
     assert block_rates(net)[-1] == pytest.approx((expected, expected))
 
@@ -135,21 +165,25 @@ def toy_env(trained_toy, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "trainer,plans,expected_depth",
+    "trainer,plans,expected_depth,expected",
     [
-        ("EquiFlexTrainer", "EquiFlexPlans", 4),
-        ("EquiFlexTrainer", "nnUNetPlans", 12),
-        ("EquiFlexTrainerTiny", "nnUNetPlans", 4),
+        ("EquiFlexTrainer", "EquiFlexPlans", 4, 0.0),
+        ("EquiFlexTrainer", "nnUNetPlans", 4, 0.0),
+        ("EquiFlexTrainerViTS8", "nnUNetPlans", 12, 0.1),
+        ("EquiFlexTrainerTiny", "nnUNetPlans", 4, 0.0),
     ],
 )
-def test_initialized_trainer_trains_with_the_documented_drop_path(toy_env, trainer, plans, expected_depth):
+def test_initialized_trainer_trains_with_the_documented_recipe(toy_env, trainer, plans, expected_depth, expected):
     """Through nnU-Net's own trainer lookup and initialize(): the toy's EquiFlexPlans name the tiny network (depth 4),
-    nnUNetPlans name the CNN (EquiFlexTrainer then builds vit_s8)."""
+    nnUNetPlans name the CNN (EquiFlexTrainer then builds the default, small_lift4); the 12-block ViT-S/8 takes
+    the ViT recipe, the 4-block networks the short one (learning rate, weight decay and drop path)."""
     from nnunetv2.run.run_training import get_trainer_from_args
 
     instance = get_trainer_from_args("901", "2d", 0, trainer, plans, device=torch.device("cpu"))
     instance.initialize()
-    expected = 0.0 if trainer == "EquiFlexTrainerTiny" else 0.1
+    recipe = equiflex_trainers.VIT_RECIPE if expected_depth == 12 else equiflex_trainers.SHORT_RECIPE
+    assert (instance.initial_lr, instance.weight_decay) == (recipe.lr, recipe.weight_decay)
+    assert instance.optimizer.param_groups[0]["lr"] <= recipe.lr
     rates = block_rates(instance.network)
     assert len(rates) == expected_depth
     assert rates[0] == (0.0, 0.0) and rates[-1] == pytest.approx((expected, expected))

@@ -8,6 +8,7 @@ trainer folder. Variants are tiny subclasses that change one thing, as in nnU-Ne
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ from nnunet_equiflex.resume import choose_checkpoint
 from nnunet_equiflex.schedules import WarmupPolyLRScheduler
 
 VIT_S8_SHAPE_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "norm_eps")
+# What a variant of the reference (FlipModelK) changes; the pretrained trainers take these from the plans.
+LIFTING_KEYS = ("group", "n_lifted_blocks", "group_pooling", "n_global_blocks")
 
 __all__ = [
     "EquiFlexTrainer",
@@ -83,12 +86,39 @@ __all__ = [
 ]
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How a network trains: AdamW's initial learning rate and weight decay, and the stochastic depth of the
+    last block (linear from 0 over the blocks). Part of the trainer, so the same with any plans."""
+
+    lr: float
+    weight_decay: float
+    drop_path_rate: float
+
+
+# The ViT recipe, for the 12-block shapes (vit_s8 and its FlipModel variants, vit_ti8, the 3D ViT-S/8).
+VIT_RECIPE = Recipe(lr=3e-4, weight_decay=5e-2, drop_path_rate=0.1)
+# Networks of up to SHORT_DEPTH blocks (tiny, tiny_lift4, small_lift4: the default): the recipe their frontier
+# records were trained with. Stochastic depth over 4 blocks only slows them down; the learning rate is flat from
+# 2e-3 to 8e-3 within a point of Dice (benchmarks/lr_sweep.py).
+SHORT_RECIPE = Recipe(lr=2e-3, weight_decay=1e-4, drop_path_rate=0.0)
+SHORT_DEPTH = 4
+
+
+def trainer_recipe(trainer_cls: type, kwargs: dict[str, Any]) -> Recipe:
+    """The trainer's own recipe, or by the depth of the network it builds (``EquiFlexTrainer`` trains the plans'
+    network: the default's short recipe, the ViT recipe over plans of a 12-block preset)."""
+    if trainer_cls.recipe is not None:
+        return trainer_cls.recipe
+    return SHORT_RECIPE if kwargs["depth"] <= SHORT_DEPTH else VIT_RECIPE
+
+
 def _configured_kwargs(trainer_cls: type, configuration_manager: ConfigurationManager) -> dict[str, Any]:
     """The plans' network (or the trainer's preset when the plans name another), the variant's overrides, and the
-    trainer's drop path: part of the recipe, like the learning rate, so it is the same with any plans."""
+    recipe's drop path."""
     architecture = configuration_manager.configuration.get("architecture")
     kwargs = network_kwargs(architecture, trainer_cls.network_preset, trainer_cls.network_overrides)
-    kwargs["drop_path_rate"] = trainer_cls.drop_path_rate
+    kwargs["drop_path_rate"] = trainer_recipe(trainer_cls, kwargs).drop_path_rate
     return kwargs
 
 
@@ -110,9 +140,10 @@ def _make_builder(trainer_cls: type) -> staticmethod:
 
 
 class EquiFlexTrainer(nnUNetTrainer):
-    """EquiFlexFormer (ViT-S/8 shape, D2 lifting, local FlexAttention) with a ViT recipe:
-    AdamW, linear warmup then poly decay, gradient clipping at 1, drop path, no deep
-    supervision, mixed precision on CUDA (bf16 where supported).
+    """EquiFlexFormer (the plans' network; without EquiFlex plans the default preset, ``small_lift4``: token size 4,
+    128 wide, 4 blocks, all lifted over the D2 flips, block 0 global, 1-3 local FlexAttention windows) with AdamW,
+    linear warmup then poly decay, gradient clipping at 1, no deep supervision, mixed precision on CUDA (bf16 where
+    supported). Learning rate, weight decay and drop path follow the network's depth (``trainer_recipe``).
 
     Test-time mirroring is off by default: the network is exactly mirror-equivariant,
     ``f(flip(x)) = flip(f(x))``, so nnU-Net's 4 mirrored passes per tile (8 in 3D) would average
@@ -125,7 +156,7 @@ class EquiFlexTrainer(nnUNetTrainer):
 
     network_preset = DEFAULT_PRESET
     network_overrides: dict[str, Any] = {}  # what a variant is about; wins over the plans
-    drop_path_rate = 0.1  # stochastic depth of the last block (linear from 0); wins over the plans' value
+    recipe: Recipe | None = None  # None: by the depth of the network built (trainer_recipe)
     mirroring = True  # nnU-Net's mirroring augmentation and TTA for a non-equivariant network (always off otherwise)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -144,8 +175,8 @@ class EquiFlexTrainer(nnUNetTrainer):
         # Fail before nnU-Net creates folders and logs for a run that cannot work.
         check_patch_fits_group(type(self), plans, configuration)
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = 3e-4
-        self.weight_decay = 5e-2
+        recipe = trainer_recipe(type(self), _configured_kwargs(type(self), self.configuration_manager))
+        self.initial_lr, self.weight_decay = recipe.lr, recipe.weight_decay
         self.layer_decay: float | None = None
         self.warmup_epochs = 50
         self.grad_clip = 1.0
@@ -326,12 +357,7 @@ class EquiFlexTrainerTiny(EquiFlexTrainer):
 
     network_preset = "tiny"
     network_overrides = preset_shape_kwargs("tiny")  # the whole shape, also over plans that name vit_s8
-    drop_path_rate = 0.0  # 4 blocks trained for a few hundred iterations: stochastic depth only slows them down
-
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = 2e-3
-        self.weight_decay = 1e-4
+    recipe = SHORT_RECIPE
 
 
 class EquiFlexTrainerMini4(EquiFlexTrainerTiny):
@@ -339,10 +365,7 @@ class EquiFlexTrainerMini4(EquiFlexTrainerTiny):
 
     network_preset = "mini4"
     network_overrides = preset_shape_kwargs("mini4")
-
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = 1e-3  # wider than tiny: half its learning rate
+    recipe = Recipe(lr=1e-3, weight_decay=SHORT_RECIPE.weight_decay, drop_path_rate=0.0)  # wider: half tiny's lr
 
 
 class EquiFlexTrainerMicro4(EquiFlexTrainerMini4):
@@ -498,7 +521,8 @@ class EquiFlexTrainerPretrained(EquiFlexTrainer):
     in the local torch hub and HF caches (nothing is downloaded)::
 
         export EQUIFLEX_PRETRAINED=/path/to/dino_deitsmall8_pretrain.pth   # or: dino_vits8
-        nnUNetv2_train DATASET 2d FOLD -tr EquiFlexTrainerPretrained -p EquiFlexPlans
+        nnunet-equiflex plan -d DATASET --preset vit_s8 --plans-name EquiFlexPlansViTS8   # a batch for its memory
+        nnUNetv2_train DATASET 2d FOLD -tr EquiFlexTrainerPretrained -p EquiFlexPlansViTS8
 
     The decoder stays at its initialisation. Fine-tuning recipe: AdamW at lr 1e-4, layer-wise lr decay
     0.75, the base warmup and drop path.
@@ -514,8 +538,9 @@ class EquiFlexTrainerPretrained(EquiFlexTrainer):
     """
 
     network_preset = "vit_s8"
-    # The checkpoint's shape wins over plans that name another preset (the lifting stays the plans'):
-    network_overrides = {k: preset_kwargs("vit_s8")[k] for k in VIT_S8_SHAPE_KEYS}
+    # The checkpoint's shape (ViT-S/8, its 28x28 position grid, no refinement) wins over plans that name another
+    # preset, such as the default's; the lifting stays the plans' (plan --preset vit_s8_flip0 for FlipModel0).
+    network_overrides = {k: v for k, v in preset_shape_kwargs("vit_s8").items() if k not in LIFTING_KEYS}
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
