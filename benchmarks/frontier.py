@@ -105,6 +105,7 @@ PROFILE_2D = Profile(
         ("EquiFlex tiny, lifted refinement", "EquiFlexTrainerTinyLiftRef", "EquiFlexPlans"),
         ("EquiFlex small_lift4", "EquiFlexTrainerSmallLift4", "EquiFlexPlans"),
         ("EquiFlex tiny_lift4", "EquiFlexTrainerTinyLift4", "EquiFlexPlans"),
+        ("EquiFlex tiny_lifthead", "EquiFlexTrainerTinyLiftHead", "EquiFlexPlans"),
         ("EquiFlex tiny", "EquiFlexTrainerTiny", "EquiFlexPlans"),
         ("ViT-S/8 flip0, group none", "FlexTrainerFlip0", "EquiFlexPlans"),
     ],

@@ -17,6 +17,8 @@ factors) transposes. The optional refinement is equivariant in one of two ways:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -103,6 +105,13 @@ class LightDecoder(nn.Module):
     """Tokens ``(B, 1 + prod(grid), D)`` -> logits ``(B, num_classes, *spatial)``, 2D or 3D.
 
     The final LayerNorm lives in the encoder (``encoder.norm``, as in timm's layout).
+
+    ``lifted_head``: the tokens are the ``|G|`` unpooled copies of an encoder whose blocks are all lifted
+    (``EquiFlexEncoder.forward_copies``), and the head also predicts each token's ``p^n`` pixels
+    (``pixel_head``, unpatchified, on top of the upsampled maps). Each copy's maps go back with ``g^-1`` and
+    are averaged over ``G`` before the refinement: ``mean_g g^-1 H(g x)`` is equivariant whatever ``H``
+    computes (the lifting identity of ``encoder.py``), so the sub-token detail may be oriented. Pooled tokens
+    could not carry it: they no longer say which way the image was flipped.
     """
 
     def __init__(
@@ -116,9 +125,12 @@ class LightDecoder(nn.Module):
         group: str = "d2",
         spatial_dims: int = 2,
         refine_mode: str = "symmetric",
+        lifted_head: bool = False,
     ) -> None:
         super().__init__()
         self.patch_size = patch_size
+        self.token_size = (patch_size,) * spatial_dims if isinstance(patch_size, int) else tuple(patch_size)
+        self.num_classes = num_classes
         self.mode = UPSAMPLING_MODES[spatial_dims]
         self.head = nn.Linear(embed_dim, num_classes)
         self.refine_proj = nn.Linear(embed_dim, refine_dim) if refine else None
@@ -127,15 +139,43 @@ class LightDecoder(nn.Module):
             if refine
             else None
         )
+        self.pixel_head = None
+        if lifted_head:
+            channels = num_classes + (refine_dim if refine else 0)
+            self.pixel_head = nn.Linear(embed_dim, channels * math.prod(self.token_size))
+            nn.init.zeros_(self.pixel_head.weight)  # start as the upsampled head
+            nn.init.zeros_(self.pixel_head.bias)
 
     def _upsample(self, tokens: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
         maps = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
         return F.interpolate(maps, scale_factor=self.patch_size, mode=self.mode, align_corners=False)
 
-    def forward(self, tokens: torch.Tensor, grid: tuple[int, ...], image: torch.Tensor) -> torch.Tensor:
-        patches = tokens[:, 1:]
-        logits = self._upsample(self.head(patches), grid)
+    def _unpatchify(self, values: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        """``(N, prod(grid), C * prod(token))`` -> ``(N, C, *(grid * token))``: each token's pixels in place."""
+        n, token = len(grid), self.token_size
+        x = values.reshape(values.shape[0], *grid, -1, *token)  # (N, g1..gn, C, t1..tn)
+        order = [n + 1] + [a for axis in range(n) for a in (1 + axis, n + 2 + axis)]  # C, g1, t1, g2, t2, ...
+        return x.permute(0, *order).reshape(values.shape[0], -1, *(g * t for g, t in zip(grid, token)))
+
+    def token_maps(self, patches: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        """Class logits, then the refinement's features, at full resolution: ``(N, classes [+ refine_dim], ...)``."""
+        values = (
+            self.head(patches)
+            if self.refine_proj is None
+            else torch.cat([self.head(patches), self.refine_proj(patches)], dim=-1)
+        )
+        maps = self._upsample(values, grid)
+        return maps if self.pixel_head is None else maps + self._unpatchify(self.pixel_head(patches), grid)
+
+    def forward(
+        self, tokens: torch.Tensor, grid: tuple[int, ...], image: torch.Tensor, elements: list | None = None
+    ) -> torch.Tensor:
+        """``elements``: the group elements of the copies stacked in ``tokens`` (``lifted_head``), else None."""
+        maps = self.token_maps(tokens[:, 1:], grid)
+        if elements is not None:
+            back = [g.inverse().apply(m) for g, m in zip(elements, maps.chunk(len(elements)))]
+            maps = torch.stack(back).mean(dim=0)
+        logits = maps[:, : self.num_classes]
         if self.refinement is not None:
-            features = self._upsample(self.refine_proj(patches), grid)
-            logits = logits + self.refinement(image, features)
+            logits = logits + self.refinement(image, maps[:, self.num_classes :])
         return logits

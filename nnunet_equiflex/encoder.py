@@ -318,9 +318,25 @@ class EquiFlexEncoder(_TokenEmbedding, _Lifting, _Blocks, nn.Module):
         """Return normalised tokens ``(B, 1 + prod(grid), D)`` (CLS first) and the token grid (one size per axis)."""
         grid = self.token_grid(*x.shape[2:])
         tokens = self.norm(self.forward_after_pooling(self.lift_and_pool(x, grid), grid))
+        return self._without_registers(tokens), grid
+
+    def forward_copies(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Every block on every ``g(x)``, unpooled: normalised tokens ``(|G| * B, 1 + prod(grid), D)`` stacked in
+        the order of ``elements``, each copy on its own token grid (``g`` moved it), and the grid of ``x``. Needs
+        every block lifted; the caller maps each copy's output back with ``g^-1`` and pools (step 2, later)."""
+        if self.n_lifted_blocks != len(self.blocks):
+            raise ValueError(
+                f"unpooled copies need every block lifted (n_lifted_blocks={self.n_lifted_blocks}, "
+                f"depth={len(self.blocks)}); set n_lifted_blocks={len(self.blocks)}"
+            )
+        grid = self.token_grid(*x.shape[2:])
+        tokens = self.run_blocks(self.embed_copies(x, grid), grid, 0, len(self.blocks))
+        return self._without_registers(self.norm(tokens)), grid
+
+    def _without_registers(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.num_register_tokens:
-            tokens = torch.cat([tokens[:, :1], tokens[:, self.num_prefix_tokens :]], dim=1)
-        return tokens, grid
+            return torch.cat([tokens[:, :1], tokens[:, self.num_prefix_tokens :]], dim=1)
+        return tokens
 
 
 def _check_encoder_settings(

@@ -33,6 +33,7 @@ _DEFAULTS = dict(
     refine=False,
     refine_dim=32,
     refine_mode="symmetric",
+    lifted_head=False,
     alternate_dilation=False,
     patch_embed="linear",
     spatial_dims=2,
@@ -97,12 +98,13 @@ def equiflex_forward_flops(
         attention += block_copies * 4 * pairs * dim  # q k^T and weights @ v
     flops["linear layers"] = linear
     flops["attention"] = attention
-    decoder = 2 * patches * dim * num_classes
+    rd = k["refine_dim"] if k["refine"] else 0
+    head_copies, pixel_outputs = (copies, math.prod(token)) if k["lifted_head"] else (1, 0)  # per copy, per pixel
+    decoder = head_copies * 2 * patches * dim * (num_classes + rd) * (1 + pixel_outputs)
     if k["refine"]:
-        rd, pixels, taps = k["refine_dim"], math.prod(patch_size), 3**n  # 3x3 (3x3x3) kernels
+        pixels, taps = math.prod(patch_size), 3**n  # 3x3 (3x3x3) kernels
         refine_copies = copies if k["refine_mode"] == "lifted" else 1  # the lifted refinement runs per group element
-        convs = 2 * pixels * taps * ((in_channels + rd) * rd + rd * num_classes)
-        decoder += 2 * patches * dim * rd + refine_copies * convs
+        decoder += refine_copies * 2 * pixels * taps * ((in_channels + rd) * rd + rd * num_classes)
     flops["decoder"] = decoder
     flops["total"] = sum(flops.values())
     return flops

@@ -93,6 +93,9 @@ PRESETS["tiny_liftref"] = dict(PRESETS["tiny"], refine_mode="lifted")
 PRESETS["tiny_lift4"] = dict(PRESETS["tiny"], n_lifted_blocks=4, n_global_blocks=1)
 # tiny_lift4 at twice the width (128, 4 heads of 32): does the all-lifted design gain from capacity? (the frontier)
 PRESETS["small_lift4"] = dict(PRESETS["tiny_lift4"], embed_dim=128)
+# tiny_lift4 with the lifted head: the head runs on the 4 unpooled copies and predicts each token's 4x4 pixels, the
+# copies' maps averaged back. Is sub-token detail (oriented, at 1 px) what the thin structures miss? (the frontier)
+PRESETS["tiny_lifthead"] = dict(PRESETS["tiny_lift4"], lifted_head=True)
 
 # 3D presets, apart from the 2D ones above (which the 2D planner and trainers offer): volumes (B, C, D, H, W).
 PRESETS_3D: dict[str, dict[str, Any]] = {
@@ -168,6 +171,9 @@ class EquiFlexFormer(nn.Module):
             2D, in 3D 2x2x2 tiles for window_radius >= 2 and row-major for 1; row-major on CUDA), "row" or
             "tileN" (N x N, or N x N x N, tiles). The same function in every layout, only its speed differs.
         spatial_dims: 2 for images (B, C, H, W), 3 for volumes (B, C, D, H, W). "d4" and GMR are 2D-only.
+        lifted_head: run the head on every lifted copy (needs n_lifted_blocks == depth; group_pooling is then
+            unused) and let it predict each token's pixels too, then average the copies' maps mapped back by
+            ``g^-1`` (``decoder.LightDecoder``): sub-token detail that may be oriented, still exactly equivariant.
     """
 
     def __init__(
@@ -203,13 +209,14 @@ class EquiFlexFormer(nn.Module):
         n_global_blocks: int | None = None,
         spatial_dims: int = 2,
         refine_mode: str = "symmetric",
+        lifted_head: bool = False,
     ) -> None:
         super().__init__()
         check_spatial_dims(spatial_dims)
         pos_embed_grid = default_pos_embed_grid(spatial_dims) if pos_embed_grid is None else pos_embed_grid
         arch_kwargs = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         self.arch_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in arch_kwargs.items()}
-        _check_network_settings(num_classes, refine_dim, refine_mode)
+        _check_network_settings(num_classes, refine_dim, refine_mode, lifted_head, n_lifted_blocks, depth)
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.spatial_dims = spatial_dims
@@ -243,9 +250,11 @@ class EquiFlexFormer(nn.Module):
             n_global_blocks=n_global_blocks,
             spatial_dims=spatial_dims,
         )
+        self.lifted_head = lifted_head
         self.decoder = LightDecoder(
-            embed_dim, num_classes, self.patch_size, in_channels, refine, refine_dim, group, spatial_dims, refine_mode
-        )
+            embed_dim, num_classes, self.patch_size, in_channels, refine, refine_dim, group, spatial_dims, refine_mode,
+            lifted_head,
+        )  # fmt: skip
 
     @classmethod
     def from_preset(cls, name: str, in_channels: int, num_classes: int, **overrides: Any) -> EquiFlexFormer:
@@ -294,6 +303,9 @@ class EquiFlexFormer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        if self.lifted_head:
+            copies, grid = self.encoder.forward_copies(x)
+            return self.decoder(copies, grid, x, self.encoder.elements)
         tokens, grid = self.encoder(x)
         return self.decoder(tokens, grid, x)
 
@@ -321,11 +333,20 @@ def preset_shape_kwargs(name: str) -> dict[str, Any]:
     return {**defaults, **preset_kwargs(name)}
 
 
-def _check_network_settings(num_classes: int, refine_dim: int, refine_mode: str) -> None:
+def _check_network_settings(
+    num_classes: int, refine_dim: int, refine_mode: str, lifted_head: object, n_lifted_blocks: int, depth: int
+) -> None:
     """The decoder's settings (the encoder checks its own in ``_check_encoder_settings``)."""
     check_positive_int("num_classes", num_classes)
     check_positive_int("refine_dim", refine_dim)
     check_refine_mode(refine_mode)
+    if not isinstance(lifted_head, bool):
+        raise TypeError(f"lifted_head must be true or false, got {lifted_head!r}")
+    if lifted_head and n_lifted_blocks != depth:
+        raise ValueError(
+            f"lifted_head runs the head on the lifted copies, so every block must be lifted: n_lifted_blocks="
+            f"{n_lifted_blocks}, depth={depth}; set n_lifted_blocks={depth} or lifted_head=false"
+        )
 
 
 def unwrap_network(network: nn.Module) -> nn.Module:

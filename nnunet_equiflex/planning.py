@@ -84,7 +84,7 @@ def estimate_training_vram_gb(
     and its output), counted once per group element for the lifted blocks; attention adds no
     ``tokens**2`` term (FlexAttention and flash/memory-efficient SDPA do not store the score
     matrix, whether the block is global or local). The full-resolution head stores a few maps per
-    class and refinement channel (per group element for a lifted refinement). Parameters, gradients
+    class and refinement channel (per group element for a lifted refinement or head). Parameters, gradients
     and AdamW state take 16 bytes per parameter; 1.5 GB covers the CUDA context and allocator
     slack. In 3D the same holds with tokens and voxels counted over the three axes and the 8 flips
     of a volume as the lifted copies.
@@ -103,6 +103,8 @@ def estimate_training_vram_gb(
     extra_copies = copies - 1 if refine_maps and kwargs.get("refine_mode") == "lifted" else 0
     # a lifted refinement keeps every transformed copy of its input (image and features) and of its hidden maps
     maps = num_classes + in_channels + refine_maps + extra_copies * (refine_maps + in_channels)
+    if kwargs.get("lifted_head"):  # every copy's upsampled and pixel maps (classes and refinement features)
+        maps += copies * 2 * (num_classes + refine_maps // 2)
     per_sample += 4 * pixels * maps * 3
     params = depth * (4 * d * d + 2 * mlp_hidden * d) + in_channels * math.prod(token) * d
     return (batch_size * per_sample + 16 * params) / 1e9 + 1.5

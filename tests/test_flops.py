@@ -27,6 +27,8 @@ def counted_flops(net, x) -> int:
         ("tiny_liftref", {}),  # the refinement on 4 copies
         ("tiny_liftref", {"group": "d4"}),  # on 8 copies
         ("tiny", {"group": "d4", "n_lifted_blocks": 2, "n_global_blocks": 1}),
+        ("tiny_lifthead", {}),  # the head and its pixel outputs on 4 copies
+        ("tiny_lifthead", {"group": "d4", "refine_mode": "lifted"}),
     ],
 )
 @pytest.mark.parametrize("folded", [True, False])

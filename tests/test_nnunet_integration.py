@@ -193,6 +193,7 @@ ALL_TRAINERS = [
     "EquiFlexTrainerTinyLiftRef_budget",
     "EquiFlexTrainerTinyLift4_budget",
     "EquiFlexTrainerSmallLift4_budget",
+    "EquiFlexTrainerTinyLiftHead_budget",
     "EquiFlexTrainerTiny3D",
     "EquiFlexTrainerViTS8_3D",
     "EquiFlexTrainerViTTi8_3D",

@@ -33,6 +33,13 @@ def test_memory_model_keeps_a_lifted_refinement_per_group_element():
     assert extra * 1e9 == pytest.approx(4 * 96 * 80 * 3 * refine_maps * 3)
 
 
+def test_memory_model_keeps_the_lifted_heads_maps_per_group_element():
+    pooled, lifted = preset_kwargs("tiny_lift4"), preset_kwargs("tiny_lifthead")
+    extra = estimate_training_vram_gb((96, 80), 1, 1, 3, lifted) - estimate_training_vram_gb((96, 80), 1, 1, 3, pooled)
+    head_maps = 4 * 2 * (3 + 16)  # 4 copies of the upsampled and the pixel maps of 3 classes and 16 features
+    assert extra * 1e9 == pytest.approx(4 * 96 * 80 * head_maps * 3)
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_gets_a_batch_within_the_bounds(preset):
     b = batch_size_for_memory((160, 160), 1, 3, preset_kwargs(preset), 8.0, max_batch_size=40, min_batch_size=2)

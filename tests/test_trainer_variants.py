@@ -30,6 +30,7 @@ def plans_naming(preset: str) -> PlansManager:
         ("EquiFlexTrainerTinyLiftRef", "tiny_liftref"),
         ("EquiFlexTrainerTinyLift4", "tiny_lift4"),
         ("EquiFlexTrainerSmallLift4", "small_lift4"),
+        ("EquiFlexTrainerTinyLiftHead", "tiny_lifthead"),
     ],
 )
 @pytest.mark.parametrize("planned", ["tiny", "mini4", "vit_s8"])

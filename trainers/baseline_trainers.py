@@ -30,6 +30,7 @@ from nnunet_equiflex.trainers.equiflex_trainers import (
     EquiFlexTrainerTiny,
     EquiFlexTrainerTiny3D,
     EquiFlexTrainerTinyLift4,
+    EquiFlexTrainerTinyLiftHead,
     EquiFlexTrainerTinyLiftRef,
     EquiFlexTrainerViTS8,
     EquiFlexTrainerViTS8_3D,
@@ -61,6 +62,7 @@ __all__ = [
     "EquiFlexTrainerTinyLiftRef_budget",
     "EquiFlexTrainerTinyLift4_budget",
     "EquiFlexTrainerSmallLift4_budget",
+    "EquiFlexTrainerTinyLiftHead_budget",
     "EquiFlexTrainerTiny_budget",
     "FlexTrainerFlip0_budget",
     "FlexTrainerTiny_budget",
@@ -161,6 +163,7 @@ EquiFlexTrainerMicro4_budget = budget_variant(EquiFlexTrainerMicro4)
 EquiFlexTrainerTinyLiftRef_budget = budget_variant(EquiFlexTrainerTinyLiftRef)
 EquiFlexTrainerTinyLift4_budget = budget_variant(EquiFlexTrainerTinyLift4)
 EquiFlexTrainerSmallLift4_budget = budget_variant(EquiFlexTrainerSmallLift4)
+EquiFlexTrainerTinyLiftHead_budget = budget_variant(EquiFlexTrainerTinyLiftHead)
 FlexTrainerFlip0_budget = budget_variant(FlexTrainerFlip0)
 FlexTrainerTiny_budget = budget_variant(FlexTrainerTiny)
 FlexTrainerTinyNoMirroring_budget = budget_variant(FlexTrainerTinyNoMirroring)
