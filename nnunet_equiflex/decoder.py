@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nnunet_equiflex.encoder import token_size_per_axis
 from nnunet_equiflex.groups import group_elements
 
 
@@ -129,7 +130,7 @@ class LightDecoder(nn.Module):
     ) -> None:
         super().__init__()
         self.patch_size = patch_size
-        self.token_size = (patch_size,) * spatial_dims if isinstance(patch_size, int) else tuple(patch_size)
+        self.token_size = token_size_per_axis(patch_size, spatial_dims)
         self.num_classes = num_classes
         self.mode = UPSAMPLING_MODES[spatial_dims]
         self.head = nn.Linear(embed_dim, num_classes)
