@@ -8,7 +8,7 @@ trainer folder. Variants are tiny subclasses that change one thing, as in nnU-Ne
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -366,7 +366,7 @@ class EquiFlexTrainerMini4(EquiFlexTrainerTiny):
 
     network_preset = "mini4"
     network_overrides = preset_shape_kwargs("mini4")
-    recipe = Recipe(lr=1e-3, weight_decay=SHORT_RECIPE.weight_decay, drop_path_rate=0.0)  # wider: half tiny's lr
+    recipe = replace(SHORT_RECIPE, lr=1e-3)  # wider than tiny: half its learning rate
 
 
 class EquiFlexTrainerMicro4(EquiFlexTrainerMini4):
