@@ -98,6 +98,37 @@ def generate_grid_window_mask(
     return local_window
 
 
+def generate_window_slot(
+    grid: tuple[int, ...], window_radius: int, dilation: int = 1, num_prefix_tokens: int = 1
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``slot(q_idx, kv_idx)``: which offset of the window (row-major over ``window_offsets``) key ``kv_idx`` is
+    from grid query ``q_idx``, or ``(2r+1)^n`` (no slot) for a prefix token on either side or a key outside the
+    window: the index into a relative position bias padded with one zero entry. Arithmetic on indices only, like
+    ``generate_grid_window_mask``, so it runs inside FlexAttention's ``score_mod`` and on index ranges alike."""
+    grid, reach, side = tuple(grid), window_radius * dilation, 2 * window_radius + 1
+    strides = row_major_strides(grid)
+    no_slot = side ** len(grid)
+
+    def window_slot(q_idx, kv_idx):
+        q_patch, kv_patch = q_idx - num_prefix_tokens, kv_idx - num_prefix_tokens
+        slot, outside = torch.zeros_like(q_idx), (q_patch < 0) | (kv_patch < 0)
+        for axis, (size, stride) in enumerate(zip(grid, strides)):
+            q_coord, kv_coord = q_patch // stride, kv_patch // stride
+            if axis:
+                q_coord, kv_coord = q_coord % size, kv_coord % size
+            delta = kv_coord - q_coord
+            outside = outside | (delta.abs() > reach) | (delta % dilation != 0)
+            slot = slot * side + (delta // dilation + window_radius).clamp(0, side - 1)
+        return torch.where(outside, no_slot, slot)
+
+    return window_slot
+
+
+def padded_bias(bias: torch.Tensor) -> torch.Tensor:
+    """``(heads, K)`` -> ``(heads, K + 1)``: the last entry (0) is what ``generate_window_slot``'s "no slot" reads."""
+    return F.pad(bias, (0, 1))
+
+
 def dense_mask(mask_mod: MaskMod, seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Evaluate ``mask_mod`` on all (query, key) pairs: a ``(seq_len, seq_len)`` bool tensor."""
     idx = torch.arange(seq_len, device=device)
@@ -134,15 +165,20 @@ def generate_reordered_local_window_mask(
     Looks up each index's row-major position; the table is padded past the sequence end because
     block masks evaluate the mask on indices rounded up to the block size."""
     base = generate_grid_window_mask(grid, window_radius, dilation, num_prefix_tokens)
-    seq_len = order.numel()
-    padded_len = -(-seq_len // 1024) * 1024 + 1024
-    lookup = torch.cat([order.cpu(), torch.arange(seq_len, padded_len)]).to(device)
+    lookup = _order_lookup(order, device)
 
     def reordered_local_window(b, h, q_idx, kv_idx):
         return base(b, h, lookup[q_idx], lookup[kv_idx])
 
     reordered_local_window.__name__ = f"{base.__name__}_reordered"
     return reordered_local_window
+
+
+def _order_lookup(order: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``order`` padded past the sequence end with the identity (block masks evaluate rounded-up indices)."""
+    seq_len = order.numel()
+    padded_len = -(-seq_len // 1024) * 1024 + 1024
+    return torch.cat([order.cpu(), torch.arange(seq_len, padded_len)]).to(device)
 
 
 def generate_tiled_local_window_mask(
@@ -199,6 +235,16 @@ def _mask_mod(geometry: tuple, tile: int | None, device: torch.device) -> MaskMo
     return generate_tiled_local_window_mask(grid, radius, dilation, prefix, tile=tile, device=device)
 
 
+def _slot_fn(geometry: tuple, tile: int | None, device: torch.device) -> Callable:
+    """``generate_window_slot`` of ``geometry`` in the index space of the layout (row-major or ``tile``)."""
+    grid, radius, dilation, prefix = split_geometry(geometry)
+    slot = generate_window_slot(grid, radius, dilation, prefix)
+    if tile is None:
+        return slot
+    lookup = _order_lookup(tiled_token_order(grid, tile, prefix), device)
+    return lambda q_idx, kv_idx: slot(lookup[q_idx], lookup[kv_idx])
+
+
 def _sequence_length(geometry: tuple) -> int:
     grid, _, _, prefix = split_geometry(geometry)
     return prefix + math.prod(grid)
@@ -210,11 +256,35 @@ def _cached_dense_mask(geometry: tuple, device: torch.device, tile: int | None =
 
 
 @functools.lru_cache(maxsize=64)
+def _cached_dense_slots(geometry: tuple, device: torch.device, tile: int | None = None) -> torch.Tensor:
+    idx = torch.arange(_sequence_length(geometry), device=device)
+    return _slot_fn(geometry, tile, device)(idx[:, None], idx[None, :])
+
+
+@dataclass(frozen=True, eq=False)
+class DenseMask:
+    """What the sdpa backend needs of one geometry: the dense boolean mask and, for a relative position bias, each
+    (query, key) pair's window slot (``generate_window_slot``)."""
+
+    allowed: torch.Tensor
+    geometry: tuple
+    tile: int | None = None
+
+    def attn_mask(self, bias: torch.Tensor | None) -> torch.Tensor:
+        """The boolean mask, or with ``bias`` ``(heads, K)`` a float mask ``(heads, S, S)``: the bias, -inf outside
+        (the slots are built on first use, once per geometry)."""
+        if bias is None:
+            return self.allowed
+        slots = _cached_dense_slots(self.geometry, self.allowed.device, self.tile)
+        return padded_bias(bias)[:, slots].masked_fill(~self.allowed, float("-inf"))
+
+
+@functools.lru_cache(maxsize=64)
 def _cached_block_mask(geometry: tuple, device: torch.device, block_size: int, tile: int | None = None):
     from torch.nn.attention.flex_attention import create_block_mask
 
     seq_len = _sequence_length(geometry)
-    return create_block_mask(
+    block_mask = create_block_mask(
         _mask_mod(geometry, tile, device),
         B=None,
         H=None,
@@ -223,6 +293,12 @@ def _cached_block_mask(geometry: tuple, device: torch.device, block_size: int, t
         device=device,
         BLOCK_SIZE=block_size,
     )
+    # The BlockMask keeps only its mask_mod; the relative position bias (and its sdpa fallback) need the geometry.
+    block_mask.equiflex_geometry = (geometry, tile)
+    return block_mask
+
+
+_cached_slot_fn = functools.lru_cache(maxsize=64)(_slot_fn)
 
 
 @torch.compiler.disable
@@ -289,14 +365,20 @@ def window_key_bias(*geometry: int) -> torch.Tensor:
 
 
 def window_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor, *geometry: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_bias: torch.Tensor,
+    rel_bias: torch.Tensor | None,
+    *geometry: int,
 ) -> torch.Tensor:
     """Local-window attention from the window's keys only (prefix tokens first, grid row-major).
 
     ``geometry`` is the grid sizes (one per axis, 2D or 3D), then window radius, dilation and the
     number of prefix tokens. Grid query ``y`` scores the keys at ``y + offset`` for the window
     offsets (a shifted view of the zero-padded key grid per offset; ``key_bias`` removes those
-    outside the grid) and the prefix keys, in one softmax; prefix queries attend to every token.
+    outside the grid; ``rel_bias``, ``(heads, K)`` or None, adds a learned bias per head and window
+    offset) and the prefix keys, in one softmax; prefix queries attend to every token.
     Exactly the pairs of ``generate_grid_window_mask``, so the result equals masked SDPA; the work
     is ``(K + prefix)`` keys per query instead of the whole sequence."""
     grid, window_radius, dilation, p = split_geometry(geometry)
@@ -318,7 +400,10 @@ def window_attention(
     prefix_k = k[:, :, :p].reshape(b * heads, p, dim)
     prefix_v = v[:, :, :p].reshape(b * heads, p, dim)
     prefix_scores = query.flatten(1, n) @ prefix_k.transpose(1, 2)  # (b*heads, prod(grid), p)
-    weights = torch.cat([local_scores.flatten(1, n) + key_bias, prefix_scores], dim=-1).softmax(dim=-1)
+    local_scores = local_scores.flatten(1, n) + key_bias
+    if rel_bias is not None:
+        local_scores = (local_scores.unflatten(0, (b, heads)) + rel_bias[:, None]).flatten(0, 1)
+    weights = torch.cat([local_scores, prefix_scores], dim=-1).softmax(dim=-1)
     local_weights = weights[..., : len(offsets)].reshape(b * heads, *grid, len(offsets))
     out = sum(local_weights[..., i, None] * shifted(values, o) for i, o in enumerate(offsets))
     out = out.flatten(1, n) + weights[..., len(offsets) :] @ prefix_v
@@ -418,15 +503,17 @@ class _CompiledOrEager(_FallbackOnFailure):
 _window_attention = _CompiledOrEager(window_attention)
 
 
-def attend_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: WindowMask) -> torch.Tensor:
+def attend_window(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: WindowMask, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     if mask.to_row is not None:
         q, k, v = q[:, :, mask.to_row], k[:, :, mask.to_row], v[:, :, mask.to_row]
     geometry = (*mask.grid, mask.window_radius, mask.dilation, mask.num_prefix_tokens)
-    out = _window_attention(q, k, v, mask.key_bias, *geometry)
+    out = _window_attention(q, k, v, mask.key_bias, bias, *geometry)
     return out if mask.from_row is None else out[:, :, mask.from_row]
 
 
-LocalMask = torch.Tensor | WindowMask | object  # a dense bool mask (sdpa), a WindowMask or a flex BlockMask
+LocalMask = DenseMask | WindowMask | object  # a DenseMask (sdpa), a WindowMask or a flex BlockMask
 
 
 @torch.compiler.disable
@@ -439,7 +526,7 @@ def local_attention_mask(
     tile: int | None,
     device: torch.device,
 ) -> LocalMask:
-    """The cached mask of one geometry for a concrete ``backend``: a dense bool mask for sdpa, a
+    """The cached mask of one geometry for a concrete ``backend``: a ``DenseMask`` for sdpa, a
     ``WindowMask`` for window, a ``BlockMask`` for flex (blocks of one tile, ``tile ** len(grid)``
     tokens, on CPU when tiled).
 
@@ -448,7 +535,7 @@ def local_attention_mask(
     every call."""
     geometry = (*grid, window_radius, dilation, num_prefix_tokens)
     if backend == "sdpa":
-        return _cached_dense_mask(geometry, device, tile)
+        return DenseMask(_cached_dense_mask(geometry, device, tile), geometry, tile)
     if backend == "window":
         return _cached_window_mask(geometry, device, tile)
     block_size = default_block_size(device, len(grid))
@@ -458,17 +545,27 @@ def local_attention_mask(
     return _cached_block_mask(geometry, device, block_size, tile)
 
 
-def attend_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: LocalMask) -> torch.Tensor:
-    """Attention under a mask from ``local_attention_mask`` (its type picks the backend)."""
-    if isinstance(mask, torch.Tensor):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+def attend_local(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: LocalMask, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Attention under a mask from ``local_attention_mask`` (its type picks the backend), plus ``bias``
+    ``(heads, (2r+1)^n)``, a relative position bias per window offset (``window_offsets``' order), if given."""
+    if isinstance(mask, DenseMask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.attn_mask(bias))
     if isinstance(mask, WindowMask):
-        return attend_window(q, k, v, mask)
-    return attend_flex(q, k, v, mask)
+        return attend_window(q, k, v, mask, bias)
+    return attend_flex(q, k, v, mask, bias)
 
 
-def _flex_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
-    return _compiled_flex_attention()(q, k, v, block_mask=mask)
+def _flex_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, bias: torch.Tensor | None) -> torch.Tensor:
+    if bias is None:
+        return _compiled_flex_attention()(q, k, v, block_mask=mask)
+    slot, table = _cached_slot_fn(*mask.equiflex_geometry, q.device), padded_bias(bias)
+
+    def relative_position(score, b, h, q_idx, kv_idx):
+        return score + table[h, slot(q_idx, kv_idx)]
+
+    return _compiled_flex_attention()(q, k, v, score_mod=relative_position, block_mask=mask)
 
 
 @functools.lru_cache(maxsize=64)
@@ -476,10 +573,14 @@ def _dense_mask_of(mask_mod: MaskMod, seq_len: int, device: torch.device) -> tor
     return dense_mask(mask_mod, seq_len, device)
 
 
-def _sdpa_under_block_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
-    """What flex computes under ``mask``, through SDPA with the dense mask of the same ``mask_mod``."""
-    dense = _dense_mask_of(mask.mask_mod, mask.seq_lengths[0], q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+def _sdpa_under_block_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, bias=None) -> torch.Tensor:
+    """What flex computes under ``mask`` (and ``bias``), through SDPA with the dense mask of the same geometry."""
+    if bias is None:
+        dense = _dense_mask_of(mask.mask_mod, mask.seq_lengths[0], q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    geometry, tile = mask.equiflex_geometry
+    dense = DenseMask(_cached_dense_mask(geometry, q.device, tile), geometry, tile)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense.attn_mask(bias))
 
 
 # A FlexAttention failure (no working Triton, an old driver, a shape its kernels do not support) falls back to
@@ -490,13 +591,15 @@ _flex_attention = _FallbackOnFailure(
 
 
 @torch.compiler.disable
-def attend_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+def attend_flex(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """Compiled flex under a ``BlockMask``, or SDPA once flex has failed on this device type.
 
     Kept out of a caller's compiled graph (nnU-Net compiles the whole network on CUDA): inside it, a flex
     compile error would surface from the caller's graph, where nothing can fall back. Flex is compiled on its
     own here, once per shape."""
-    return _flex_attention(q, k, v, mask)
+    return _flex_attention(q, k, v, mask, bias)
 
 
 def local_window_attention(
@@ -509,11 +612,13 @@ def local_window_attention(
     num_prefix_tokens: int = 1,
     backend: str = "auto",
     tile: int | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of ``q, k, v`` of shape ``(B, heads, S, head_dim)`` restricted to local windows.
+    """Attention of ``q, k, v`` of shape ``(B, heads, S, head_dim)`` restricted to local windows, plus a relative
+    position ``bias`` ``(heads, (2r+1)^n)`` per window offset if given.
 
     With ``tile``, the sequence is in ``tiled_token_order`` (and so is the output)."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     backend = resolve_backend(backend, q.device, needs_grad)
     mask = local_attention_mask(grid, window_radius, dilation, num_prefix_tokens, backend, tile, q.device)
-    return attend_local(q, k, v, mask)
+    return attend_local(q, k, v, mask, bias)

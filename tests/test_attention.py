@@ -212,7 +212,7 @@ def test_window_backend_computes_only_the_window():
             return out
 
     with Recorder():
-        window_attention(q, k, v, window_key_bias(*grid, 2, 1), *grid, 2, 1, 1)
+        window_attention(q, k, v, window_key_bias(*grid, 2, 1), None, *grid, 2, 1, 1)
     largest = max(torch.Size(s).numel() for s in shapes)
     assert largest < seq * seq  # the biggest tensor is linear in the tokens
     assert (1, 2, seq, seq) not in shapes
