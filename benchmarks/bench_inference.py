@@ -60,7 +60,17 @@ DATASET_JSON = {
     "file_ending": ".nii.gz",
 }
 NUM_CLASSES = len(DATASET_JSON["labels"])
-TIMED_PRESETS = ("small_lift4", "tiny_lift4", "vit_s8", "vit_s8_flip2", "vit_s8_flip0", "vit_ti8", "tiny")
+TIMED_PRESETS = (
+    "small_lift4_conv",
+    "tiny_conv",
+    "small_lift4",
+    "tiny_lift4",
+    "vit_s8",
+    "vit_s8_flip2",
+    "vit_s8_flip0",
+    "vit_ti8",
+    "tiny",
+)
 # 3d_fullres: thick slices (3 mm) of 1 mm pixels, so the planner's tokens are 4x8x8 for the 8 px presets.
 SPACING_3D = (3.0, 1.0, 1.0)
 PATCH_3D, QUICK_PATCH_3D = (32, 96, 96), (16, 64, 64)

@@ -8,6 +8,8 @@ foreign checkpoints map by renaming. ``Attention`` is global, or local under a m
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,6 +38,51 @@ class PatchEmbed(nn.Module):
         ``g^-1 embed(g x)`` on the token grid."""
         weight = torch.stack([g.apply(self.proj.weight) for g in elements]).mean(dim=0)
         return self.proj._conv_forward(x, weight, self.proj.bias).flatten(2).transpose(1, 2)
+
+
+INSTANCE_NORMS = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+
+
+class ConvStem(nn.Module):
+    """Overlapping convolutions instead of the non-overlapping patch projection ("early convolutions", Xiao et al.
+    2021): 3x3 (3D 3x3x3) convolutions of stride 2 on every axis whose token size is not reached yet, each followed
+    by instance normalisation (affine, per image and channel, as in nnU-Net's CNN) and GELU, then a 1x1 projection
+    to ``embed_dim``. Token sizes must be powers of 2. Each token then sees a window wider than its own pixels, and
+    edges that straddle token boundaries reach it whole. Not linear, so a lifting through it runs every copy."""
+
+    def __init__(self, in_channels: int, embed_dim: int, token_size: tuple[int, ...], hidden: int) -> None:
+        super().__init__()
+        n, channels, layers = len(token_size), in_channels, []
+        for stride in self.strides(token_size):
+            layers += [
+                CONVS[n](channels, hidden, kernel_size=3, stride=stride, padding=1),
+                INSTANCE_NORMS[n](hidden, affine=True),
+                nn.GELU(),
+            ]
+            channels = hidden
+        self.stages = nn.Sequential(*layers)
+        self.proj = CONVS[n](channels, embed_dim, kernel_size=1)
+
+    @staticmethod
+    def strides(token_size: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """The stride of each stage: 2 on every axis whose token size is not reached yet, else 1."""
+        remaining, strides = list(token_size), []
+        while any(r > 1 for r in remaining):
+            strides.append(tuple(2 if r > 1 else 1 for r in remaining))
+            remaining = [r // s for r, s in zip(remaining, strides[-1])]
+        return strides
+
+    @classmethod
+    def stage_sizes(cls, size: tuple[int, ...], token_size: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """The spatial size after each stage, for an input of ``size`` (a multiple of the token size)."""
+        sizes = []
+        for stride in cls.strides(token_size):
+            size = tuple(s // t for s, t in zip(size, stride))
+            sizes.append(size)
+        return sizes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.stages(x)).flatten(2).transpose(1, 2)  # (B, prod(grid), D)
 
 
 class LayerScale(nn.Module):
@@ -70,13 +117,34 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.rel_pos_bias: nn.Parameter | None = None  # (heads, (2r+1)^n) of a local block, see add_relative_position
+        self.rel_pos_symmetric_over: list | None = None
+
+    def add_relative_position(self, window: tuple[int, ...], symmetric_over: list | None = None) -> None:
+        """Learn a bias per head and offset of a local ``window`` (``(2r+1,) * n``), added to the attention scores
+        (zero at initialisation). ``symmetric_over``: group elements to average the bias table over (its image
+        under each flip or transpose of the offsets), for blocks that must commute with them on their own."""
+        self.rel_pos_bias = nn.Parameter(torch.zeros(self.num_heads, math.prod(window)))
+        self.rel_pos_window = tuple(window)
+        self.rel_pos_symmetric_over = symmetric_over
+
+    def relative_position_bias(self) -> torch.Tensor | None:
+        """``(heads, (2r+1)^n)`` (symmetrised where asked), or None without a relative position bias."""
+        if self.rel_pos_bias is None or not self.rel_pos_symmetric_over:
+            return self.rel_pos_bias
+        table = self.rel_pos_bias.reshape(self.num_heads, *self.rel_pos_window)
+        images = [g.apply(table) for g in self.rel_pos_symmetric_over]
+        return torch.stack(images).mean(dim=0).flatten(1)
 
     def forward(self, x: torch.Tensor, mask: LocalMask | None = None) -> torch.Tensor:
         """Global attention, or local attention under ``mask`` (from ``local_attention_mask``)."""
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v) if mask is None else attend_local(q, k, v, mask)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = attend_local(q, k, v, mask, self.relative_position_bias())
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 

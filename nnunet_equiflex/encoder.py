@@ -59,12 +59,12 @@ from nnunet_equiflex.attention import (
     parse_token_layout,
     resolve_backend,
 )
-from nnunet_equiflex.blocks import Block, PatchEmbed, init_weights
+from nnunet_equiflex.blocks import Block, ConvStem, PatchEmbed, init_weights
 from nnunet_equiflex.gmr import GMRPatchEmbed
 from nnunet_equiflex.groups import SPATIAL_DIMS, check_grid_supported, check_group, group_elements
 
 POOLINGS = ("max", "mean")
-PATCH_EMBEDS = ("linear", "gmr")
+PATCH_EMBEDS = ("linear", "gmr", "conv")
 POS_EMBED_MODES = {2: "bicubic", 3: "trilinear"}  # resampling of the position embedding
 _COUNT_WORDS = {2: "two", 3: "three"}
 _AXES_WORDS = {2: "rows, columns", 3: "depth, rows, columns"}
@@ -117,7 +117,10 @@ class _Lifting:
     @property
     def lifting_is_linear(self) -> bool:
         """Mean pooling with no lifted block: the lifting is one linear map (see the module docstring)."""
-        return self.group_pooling == "mean" and self.n_lifted_blocks == 0 and len(self.elements) > 1
+        linear_embedding = not isinstance(self.patch_embed, ConvStem)
+        return (
+            linear_embedding and self.group_pooling == "mean" and self.n_lifted_blocks == 0 and len(self.elements) > 1
+        )
 
     def lift_and_pool(self, x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
         """Steps 1 and 2: the lifted blocks on all ``g(x)`` in one batch, then ``pool_g g^-1``."""
@@ -252,6 +255,7 @@ class EquiFlexEncoder(_TokenEmbedding, _Lifting, _Blocks, nn.Module):
         flex_token_layout: str = "auto",
         n_global_blocks: int | None = None,
         spatial_dims: int = 2,
+        relative_position_bias: bool = False,
     ) -> None:
         super().__init__()
         n_global_blocks = n_lifted_blocks if n_global_blocks is None else n_global_blocks
@@ -288,6 +292,18 @@ class EquiFlexEncoder(_TokenEmbedding, _Lifting, _Blocks, nn.Module):
             in_channels, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, norm_eps, drop_path_rate,
             layer_scale_init, patch_embed, (gmr_kernel_sizes, gmr_rings, gmr_hidden_dim, gmr_strides),
         )  # fmt: skip
+        if relative_position_bias:
+            self._add_relative_position_bias()
+
+    def _add_relative_position_bias(self) -> None:
+        """A learned bias per head and window offset in every local block (step 4). A lifted block may learn any
+        table (the lifting makes any block equivariant); after the pooling the table is averaged over the group's
+        action on the offsets, so the block commutes with every element on its own (section 3 of DESIGN.md)."""
+        window = (2 * self.window_radius + 1,) * self.spatial_dims
+        symmetric_over = self.elements if len(self.elements) > 1 else None
+        for index in range(self.n_global_blocks, len(self.blocks)):
+            lifted = index < self.n_lifted_blocks
+            self.blocks[index].attn.add_relative_position(window, None if lifted else symmetric_over)
 
     def _build_layers(
         self, in_channels, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, norm_eps, drop_path_rate,
@@ -296,6 +312,8 @@ class EquiFlexEncoder(_TokenEmbedding, _Lifting, _Blocks, nn.Module):
         """Patch embedding, CLS/register tokens, position embedding, blocks and norm, initialised."""
         if patch_embed == "gmr":
             self.patch_embed = GMRPatchEmbed(in_channels, embed_dim, self.token_size[0], *gmr_options)
+        elif patch_embed == "conv":
+            self.patch_embed = ConvStem(in_channels, embed_dim, self.token_size, hidden=max(embed_dim // 2, 1))
         else:
             self.patch_embed = PatchEmbed(in_channels, embed_dim, self.patch_size, self.spatial_dims)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -442,7 +460,13 @@ def _check_dimension_settings(
             f"patch_embed='gmr' (Gaussian-Mixture-Ring convolutions) is 2D-only, got spatial_dims={spatial_dims}; "
             "use patch_embed='linear'"
         )
-    if len(set(token_size_per_axis(patch_size, spatial_dims))) > 1 and (patch_embed == "gmr" or group == "d4"):
+    tokens = token_size_per_axis(patch_size, spatial_dims)
+    if patch_embed == "conv" and any(t & (t - 1) for t in tokens):
+        raise ValueError(
+            f"patch_embed='conv' (stride-2 convolutions) needs token sizes that are powers of 2, got patch_size="
+            f"{patch_size}; use a token size of 2, 4, 8 or 16, or patch_embed='linear'"
+        )
+    if len(set(tokens)) > 1 and (patch_embed == "gmr" or group == "d4"):
         name = "patch_embed='gmr'" if patch_embed == "gmr" else "group 'd4' (it transposes the axes)"
         raise ValueError(
             f"{name} needs the same token size on both axes, got patch_size={list(patch_size)}; pass one integer "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from nnunet_equiflex.blocks import ConvStem
 from nnunet_equiflex.encoder import token_size_per_axis
 from nnunet_equiflex.groups import group_elements
 from nnunet_equiflex.network import preset_kwargs
@@ -67,14 +68,17 @@ def equiflex_forward_flops(
     if local_attention not in ("window", "dense"):
         raise ValueError(f"local_attention must be 'window' or 'dense', got {local_attention!r}")
     k = {**_DEFAULTS, **kwargs}
-    if k["patch_embed"] != "linear":
-        raise ValueError("analytic FLOPs cover the linear patch embedding only; count GMR with FlopCounterMode")
+    if k["patch_embed"] == "gmr":
+        raise ValueError(
+            "analytic FLOPs cover the linear and conv patch embeddings only; count GMR with FlopCounterMode"
+        )
     n, dim, depth = k["spatial_dims"], k["embed_dim"], k["depth"]
     token = token_size_per_axis(k["patch_size"], n)
     n_lifted = k["n_lifted_blocks"]
     n_global = n_lifted if k.get("n_global_blocks") is None else k["n_global_blocks"]
     copies = len(group_elements(k["group"], n))
-    linear_lifting = k["group_pooling"] == "mean" and n_lifted == 0 and copies > 1
+    conv_stem = k["patch_embed"] == "conv"
+    linear_lifting = not conv_stem and k["group_pooling"] == "mean" and n_lifted == 0 and copies > 1
     grid = tuple(size // t for size, t in zip(patch_size, token))
     patches = math.prod(grid)
     prefix = 1 + k["num_register_tokens"]
@@ -82,7 +86,8 @@ def equiflex_forward_flops(
     hidden = int(dim * k["mlp_ratio"])
 
     embed_copies = 1 if (linear_lifting and folded_lifting) else copies
-    flops = {"embedding": embed_copies * 2 * patches * in_channels * math.prod(token) * dim}
+    per_copy = _conv_stem_flops(patch_size, token, in_channels, dim) if conv_stem else None
+    flops = {"embedding": embed_copies * (per_copy or 2 * patches * in_channels * math.prod(token) * dim)}
     linear = attention = 0
     n_local = depth - n_global
     dilations = [k["window_dilation"]] * n_local
@@ -108,6 +113,19 @@ def equiflex_forward_flops(
     flops["decoder"] = decoder
     flops["total"] = sum(flops.values())
     return flops
+
+
+def _conv_stem_flops(patch_size, token: tuple[int, ...], in_channels: int, dim: int) -> int:
+    """``blocks.ConvStem`` on one image: its stride-2 3^n convolutions (``dim // 2`` channels), then the 1x1 one."""
+    hidden, channels, total = max(dim // 2, 1), in_channels, 0
+    for size in ConvStem.stage_sizes(tuple(patch_size), token):
+        total += 2 * math.prod(size) * 3 ** len(token) * channels * hidden
+        channels = hidden
+    return total + 2 * math.prod(grid_size(patch_size, token)) * channels * dim
+
+
+def grid_size(patch_size, token: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(size // t for size, t in zip(patch_size, token))
 
 
 def preset_forward_flops(name: str, in_channels: int, num_classes: int, patch_size, **overrides) -> dict[str, int]:

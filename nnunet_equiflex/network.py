@@ -42,9 +42,9 @@ _VIT_S8 = dict(
 _FLIP_MODEL_0 = dict(n_lifted_blocks=0, group_pooling="mean", n_global_blocks=2)  # its own training run
 
 # What EquiFlexTrainer and `nnunet-equiflex plan` use unless told otherwise: the highest mean Dice of the 2D
-# frontier (benchmarks/frontier.py; no preset came within 1 point of the CNN with TTA, the rule's fallback), at a
-# quarter of vit_s8's FLOPs per tile.
-DEFAULT_PRESET = "small_lift4"
+# frontier (benchmarks/frontier.py; no preset came within 1 point of the CNN with TTA, the rule's fallback):
+# small_lift4 with the convolutional stem, at 28% (112x112 tile) to 45% (256x224) of vit_s8's FLOPs per tile.
+DEFAULT_PRESET = "small_lift4_conv"
 # What `nnunet-equiflex plan -c 3d_fullres` writes unless told otherwise: the ViT-S/8 shape (so DINO ViT-S/8
 # weights inflate into it), with the folded lifting: 33x-40x fewer FLOPs per tile than nnU-Net's 3D CNN
 # with its 8-pass TTA at 32^3 to 128^3 patches (benchmarks/bench_network.py --patch D H W).
@@ -96,6 +96,17 @@ PRESETS["small_lift4"] = dict(PRESETS["tiny_lift4"], embed_dim=128)
 # tiny_lift4 with the lifted head: the head runs on the 4 unpooled copies and predicts each token's 4x4 pixels, the
 # copies' maps averaged back. Is sub-token detail (oriented, at 1 px) what the thin structures miss? (the frontier)
 PRESETS["tiny_lifthead"] = dict(PRESETS["tiny_lift4"], lifted_head=True)
+# tiny_lift4 with a relative position bias in its local blocks: the window's keys carry no position (the position
+# embedding is smooth over neighbouring tokens), so attention sees them as a set. Does telling them apart help? (the
+# frontier)
+PRESETS["tiny_lift4_rpb"] = dict(PRESETS["tiny_lift4"], relative_position_bias=True)
+# tiny_lift4 with the convolutional stem (stride-2 3x3 convolutions with instance norm, then a 1x1 projection) for
+# the 4x4 patch projection: tokens see past their own pixels, so thin walls that straddle token boundaries reach them
+# whole. Is the patch projection what the thin structures miss? (the frontier)
+PRESETS["tiny_lift4_conv"] = dict(PRESETS["tiny_lift4"], patch_embed="conv")
+# The convolutional stem at twice tiny_lift4's width (the default) and at the cheap end (tiny, 1 of 4 blocks lifted).
+PRESETS["small_lift4_conv"] = dict(PRESETS["small_lift4"], patch_embed="conv")
+PRESETS["tiny_conv"] = dict(PRESETS["tiny"], patch_embed="conv")
 
 # 3D presets, apart from the 2D ones above (which the 2D planner and trainers offer): volumes (B, C, D, H, W).
 PRESETS_3D: dict[str, dict[str, Any]] = {
@@ -174,6 +185,9 @@ class EquiFlexFormer(nn.Module):
         lifted_head: run the head on every lifted copy (needs n_lifted_blocks == depth; group_pooling is then
             unused) and let it predict each token's pixels too, then average the copies' maps mapped back by
             ``g^-1`` (``decoder.LightDecoder``): sub-token detail that may be oriented, still exactly equivariant.
+        relative_position_bias: every local block learns a bias per head and window offset (Swin's relative
+            position bias), so attention can tell a window's keys apart by where they lie; symmetrised over the
+            group in the blocks after the pooling, free in the lifted ones.
     """
 
     def __init__(
@@ -210,6 +224,7 @@ class EquiFlexFormer(nn.Module):
         spatial_dims: int = 2,
         refine_mode: str = "symmetric",
         lifted_head: bool = False,
+        relative_position_bias: bool = False,
     ) -> None:
         super().__init__()
         check_spatial_dims(spatial_dims)
@@ -249,6 +264,7 @@ class EquiFlexFormer(nn.Module):
             flex_token_layout=flex_token_layout,
             n_global_blocks=n_global_blocks,
             spatial_dims=spatial_dims,
+            relative_position_bias=relative_position_bias,
         )
         self.lifted_head = lifted_head
         self.decoder = LightDecoder(

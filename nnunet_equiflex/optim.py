@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-NO_DECAY_NAMES = ("cls_token", "pos_embed", "reg_token")  # embeddings, as in timm (plus registers)
+NO_DECAY_NAMES = ("cls_token", "pos_embed", "reg_token", "rel_pos_bias")  # embeddings, as in timm (plus registers)
 
 
 def _layer_id(name: str, depth: int) -> int:

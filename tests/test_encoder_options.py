@@ -91,8 +91,8 @@ def test_gmr_and_alternation_errors_name_the_fix():
         GMRPatchEmbed(1, 8, 8, kernel_sizes=(6, 11), strides=(2, 4))
     with pytest.raises(ValueError, match="multiply to the token size 8"):
         GMRPatchEmbed(1, 8, 8, kernel_sizes=(6, 11), strides=(2, 2))
-    with pytest.raises(ValueError, match="unknown patch_embed 'conv'"):
-        tiny_network(patch_embed="conv")
+    with pytest.raises(ValueError, match="unknown patch_embed 'convnext'; choose one of linear, gmr, conv"):
+        tiny_network(patch_embed="convnext")
     with pytest.raises(ValueError, match="needs window_dilation >= 2"):
         tiny_network(alternate_dilation=True)
 

@@ -29,6 +29,9 @@ def counted_flops(net, x) -> int:
         ("tiny", {"group": "d4", "n_lifted_blocks": 2, "n_global_blocks": 1}),
         ("tiny_lifthead", {}),  # the head and its pixel outputs on 4 copies
         ("tiny_lifthead", {"group": "d4", "refine_mode": "lifted"}),
+        ("tiny_lift4", {"patch_embed": "conv"}),  # the conv stem on 4 copies
+        ("vit_s8_flip0", {"patch_embed": "conv"}),  # not linear: no folding, 3 stride-2 stages
+        ("tiny_lift4", {"relative_position_bias": True}),  # an addition per score: no products
     ],
 )
 @pytest.mark.parametrize("folded", [True, False])

@@ -40,6 +40,13 @@ def test_memory_model_keeps_the_lifted_heads_maps_per_group_element():
     assert extra * 1e9 == pytest.approx(4 * 96 * 80 * head_maps * 3)
 
 
+def test_memory_model_keeps_the_conv_stems_maps_per_group_element():
+    linear, conv = preset_kwargs("tiny_lift4"), preset_kwargs("tiny_lift4_conv")
+    extra = estimate_training_vram_gb((96, 80), 1, 1, 3, conv) - estimate_training_vram_gb((96, 80), 1, 1, 3, linear)
+    stem_values = 32 * (48 * 40 + 24 * 20)  # 32 channels (64 // 2) after each stride-2 stage
+    assert extra * 1e9 == pytest.approx(2 * 3 * stem_values * 4)  # conv, norm and GELU outputs in 16 bits, 4 copies
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_gets_a_batch_within_the_bounds(preset):
     b = batch_size_for_memory((160, 160), 1, 3, preset_kwargs(preset), 8.0, max_batch_size=40, min_batch_size=2)

@@ -137,13 +137,17 @@ def test_max_pooling_or_lifted_blocks_are_not_folded():
 
 
 def preset_network(name, **overrides):
-    """The preset with a random refinement output layer and pixel head (their zero init would hide them)."""
+    """The preset with a random refinement output layer, pixel head and relative position bias (their zero init
+    would hide them)."""
     net = EquiFlexFormer.from_preset(name, in_channels=1, num_classes=3, **overrides)
     with torch.no_grad():
         if net.decoder.refinement is not None:
             torch.nn.init.normal_(net.decoder.refinement.conv2.weight, std=0.2)
         if net.decoder.pixel_head is not None:
             torch.nn.init.normal_(net.decoder.pixel_head.weight, std=0.2)
+        for name, param in net.named_parameters():
+            if name.endswith("rel_pos_bias"):
+                param.normal_(0.0, 1.0)
     return net.eval()
 
 
@@ -156,7 +160,9 @@ def test_every_preset_is_equivariant(preset):
     assert max(errors.values()) < BOUND, errors
 
 
-@pytest.mark.parametrize("preset", ["vit_s8_flip0", "vit_ti8", "mini4", "tiny_liftref", "tiny_lifthead"])
+@pytest.mark.parametrize(
+    "preset", ["vit_s8_flip0", "vit_ti8", "mini4", "tiny_liftref", "tiny_lifthead", "tiny_lift4_rpb", "tiny_conv"]
+)
 def test_cheapest_presets_without_the_group_are_not_equivariant(preset):
     net = preset_network(preset, group="none")
     errors = max_equivariance_error(net, torch.randn(2, 1, 48, 40), group_elements("d2"))

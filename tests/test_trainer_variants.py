@@ -31,6 +31,10 @@ def plans_naming(preset: str) -> PlansManager:
         ("EquiFlexTrainerTinyLift4", "tiny_lift4"),
         ("EquiFlexTrainerSmallLift4", "small_lift4"),
         ("EquiFlexTrainerTinyLiftHead", "tiny_lifthead"),
+        ("EquiFlexTrainerTinyLift4RPB", "tiny_lift4_rpb"),
+        ("EquiFlexTrainerTinyLift4Conv", "tiny_lift4_conv"),
+        ("EquiFlexTrainerSmallLift4Conv", "small_lift4_conv"),
+        ("EquiFlexTrainerTinyConv", "tiny_conv"),
     ],
 )
 @pytest.mark.parametrize("planned", ["tiny", "mini4", "vit_s8"])
@@ -176,7 +180,7 @@ def toy_env(trained_toy, monkeypatch):
 )
 def test_initialized_trainer_trains_with_the_documented_recipe(toy_env, trainer, plans, expected_depth, expected):
     """Through nnU-Net's own trainer lookup and initialize(): the toy's EquiFlexPlans name the tiny network (depth 4),
-    nnUNetPlans name the CNN (EquiFlexTrainer then builds the default, small_lift4); the 12-block ViT-S/8 takes
+    nnUNetPlans name the CNN (EquiFlexTrainer then builds the default, small_lift4_conv); the 12-block ViT-S/8 takes
     the ViT recipe, the 4-block networks the short one (learning rate, weight decay and drop path)."""
     from nnunetv2.run.run_training import get_trainer_from_args
 

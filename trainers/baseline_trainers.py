@@ -27,9 +27,13 @@ from nnunet_equiflex.trainers.equiflex_trainers import (
     EquiFlexTrainerMicro4,
     EquiFlexTrainerMini4,
     EquiFlexTrainerSmallLift4,
+    EquiFlexTrainerSmallLift4Conv,
     EquiFlexTrainerTiny,
     EquiFlexTrainerTiny3D,
+    EquiFlexTrainerTinyConv,
     EquiFlexTrainerTinyLift4,
+    EquiFlexTrainerTinyLift4Conv,
+    EquiFlexTrainerTinyLift4RPB,
     EquiFlexTrainerTinyLiftHead,
     EquiFlexTrainerTinyLiftRef,
     EquiFlexTrainerViTS8,
@@ -63,6 +67,10 @@ __all__ = [
     "EquiFlexTrainerTinyLift4_budget",
     "EquiFlexTrainerSmallLift4_budget",
     "EquiFlexTrainerTinyLiftHead_budget",
+    "EquiFlexTrainerTinyLift4RPB_budget",
+    "EquiFlexTrainerTinyLift4Conv_budget",
+    "EquiFlexTrainerSmallLift4Conv_budget",
+    "EquiFlexTrainerTinyConv_budget",
     "EquiFlexTrainerTiny_budget",
     "FlexTrainerFlip0_budget",
     "FlexTrainerTiny_budget",
@@ -164,6 +172,10 @@ EquiFlexTrainerTinyLiftRef_budget = budget_variant(EquiFlexTrainerTinyLiftRef)
 EquiFlexTrainerTinyLift4_budget = budget_variant(EquiFlexTrainerTinyLift4)
 EquiFlexTrainerSmallLift4_budget = budget_variant(EquiFlexTrainerSmallLift4)
 EquiFlexTrainerTinyLiftHead_budget = budget_variant(EquiFlexTrainerTinyLiftHead)
+EquiFlexTrainerTinyLift4RPB_budget = budget_variant(EquiFlexTrainerTinyLift4RPB)
+EquiFlexTrainerTinyLift4Conv_budget = budget_variant(EquiFlexTrainerTinyLift4Conv)
+EquiFlexTrainerSmallLift4Conv_budget = budget_variant(EquiFlexTrainerSmallLift4Conv)
+EquiFlexTrainerTinyConv_budget = budget_variant(EquiFlexTrainerTinyConv)
 FlexTrainerFlip0_budget = budget_variant(FlexTrainerFlip0)
 FlexTrainerTiny_budget = budget_variant(FlexTrainerTiny)
 FlexTrainerTinyNoMirroring_budget = budget_variant(FlexTrainerTinyNoMirroring)

@@ -63,6 +63,10 @@ __all__ = [
     "EquiFlexTrainerTinyLift4",
     "EquiFlexTrainerSmallLift4",
     "EquiFlexTrainerTinyLiftHead",
+    "EquiFlexTrainerTinyLift4RPB",
+    "EquiFlexTrainerTinyLift4Conv",
+    "EquiFlexTrainerSmallLift4Conv",
+    "EquiFlexTrainerTinyConv",
     "FlexTrainerTiny",
     "FlexTrainerTinyNoMirroring",
     "EquiFlexTrainerTiny_smoke",
@@ -99,9 +103,10 @@ class Recipe:
 
 # The ViT recipe, for the 12-block shapes (vit_s8 and its FlipModel variants, vit_ti8, the 3D ViT-S/8).
 VIT_RECIPE = Recipe(lr=3e-4, weight_decay=5e-2, drop_path_rate=0.1)
-# Networks of up to SHORT_DEPTH blocks (tiny, tiny_lift4, small_lift4: the default): the recipe their frontier
-# records were trained with. Stochastic depth over 4 blocks only slows them down; tiny's mean Dice moves within 1.4
-# points over learning rates 2e-3 to 8e-3 (benchmarks/lr_sweep_cpu: 4e-3 best, run-to-run spread about 0.4).
+# Networks of up to SHORT_DEPTH blocks (tiny, tiny_lift4, small_lift4, small_lift4_conv: the default): the recipe
+# their frontier records were trained with. Stochastic depth over 4 blocks only slows them down; tiny's mean Dice
+# moves within 1.4 points over learning rates 2e-3 to 8e-3 (benchmarks/lr_sweep_cpu: 4e-3 best, run-to-run spread
+# about 0.4).
 SHORT_RECIPE = Recipe(lr=2e-3, weight_decay=1e-4, drop_path_rate=0.0)
 SHORT_DEPTH = 4
 
@@ -141,8 +146,9 @@ def _make_builder(trainer_cls: type) -> staticmethod:
 
 
 class EquiFlexTrainer(nnUNetTrainer):
-    """EquiFlexFormer (the plans' network; without EquiFlex plans the default preset, ``small_lift4``: token size 4,
-    128 wide, 4 blocks, all lifted over the D2 flips, block 0 global, 1-3 local FlexAttention windows) with AdamW,
+    """EquiFlexFormer (the plans' network; without EquiFlex plans the default preset, ``small_lift4_conv``: a stem of
+    stride-2 convolutions to tokens of 4x4 px, 128 wide, 4 blocks, all lifted over the D2 flips, block 0 global,
+    1-3 local FlexAttention windows) with AdamW,
     linear warmup then poly decay, gradient clipping at 1, no deep supervision, mixed precision on CUDA (bf16 where
     supported). Learning rate, weight decay and drop path follow the network's depth (``trainer_recipe``).
 
@@ -403,6 +409,34 @@ class EquiFlexTrainerTinyLiftHead(EquiFlexTrainerTiny):
 
     network_preset = "tiny_lifthead"
     network_overrides = preset_shape_kwargs("tiny_lifthead")
+
+
+class EquiFlexTrainerTinyLift4RPB(EquiFlexTrainerTiny):
+    """tiny_lift4 with a relative position bias per head and window offset in its local blocks."""
+
+    network_preset = "tiny_lift4_rpb"
+    network_overrides = preset_shape_kwargs("tiny_lift4_rpb")
+
+
+class EquiFlexTrainerTinyLift4Conv(EquiFlexTrainerTiny):
+    """tiny_lift4 with the convolutional stem (stride-2 3x3 convolutions) instead of the 4x4 patch projection."""
+
+    network_preset = "tiny_lift4_conv"
+    network_overrides = preset_shape_kwargs("tiny_lift4_conv")
+
+
+class EquiFlexTrainerSmallLift4Conv(EquiFlexTrainerTiny):
+    """small_lift4 with the convolutional stem."""
+
+    network_preset = "small_lift4_conv"
+    network_overrides = preset_shape_kwargs("small_lift4_conv")
+
+
+class EquiFlexTrainerTinyConv(EquiFlexTrainerTiny):
+    """tiny (1 of 4 blocks lifted) with the convolutional stem."""
+
+    network_preset = "tiny_conv"
+    network_overrides = preset_shape_kwargs("tiny_conv")
 
 
 class FlexTrainerTiny(EquiFlexTrainerTiny):
