@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nnunet_equiflex.attention import LocalMask, attend_local
+from nnunet_equiflex.groups import group_average
 
 CONVS = {2: nn.Conv2d, 3: nn.Conv3d}  # spatial dims -> convolution
 
@@ -36,7 +37,7 @@ class PatchEmbed(nn.Module):
         """The embedding with its filter averaged over ``elements`` (objects with ``apply``, acting
         on the filter's spatial axes as on an image): one pass that equals the mean over ``g`` of
         ``g^-1 embed(g x)`` on the token grid."""
-        weight = torch.stack([g.apply(self.proj.weight) for g in elements]).mean(dim=0)
+        weight = group_average(self.proj.weight, elements)
         return self.proj._conv_forward(x, weight, self.proj.bias).flatten(2).transpose(1, 2)
 
 
@@ -50,9 +51,9 @@ class ConvStem(nn.Module):
     to ``embed_dim``. Token sizes must be powers of 2. Each token then sees a window wider than its own pixels, and
     edges that straddle token boundaries reach it whole. Not linear, so a lifting through it runs every copy."""
 
-    def __init__(self, in_channels: int, embed_dim: int, token_size: tuple[int, ...], hidden: int) -> None:
+    def __init__(self, in_channels: int, embed_dim: int, token_size: tuple[int, ...]) -> None:
         super().__init__()
-        n, channels, layers = len(token_size), in_channels, []
+        n, channels, layers, hidden = len(token_size), in_channels, [], self.hidden_channels(embed_dim)
         for stride in self.strides(token_size):
             layers += [
                 CONVS[n](channels, hidden, kernel_size=3, stride=stride, padding=1),
@@ -62,6 +63,10 @@ class ConvStem(nn.Module):
             channels = hidden
         self.stages = nn.Sequential(*layers)
         self.proj = CONVS[n](channels, embed_dim, kernel_size=1)
+
+    @staticmethod
+    def hidden_channels(embed_dim: int) -> int:
+        return max(embed_dim // 2, 1)
 
     @staticmethod
     def strides(token_size: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -133,8 +138,7 @@ class Attention(nn.Module):
         if self.rel_pos_bias is None or not self.rel_pos_symmetric_over:
             return self.rel_pos_bias
         table = self.rel_pos_bias.reshape(self.num_heads, *self.rel_pos_window)
-        images = [g.apply(table) for g in self.rel_pos_symmetric_over]
-        return torch.stack(images).mean(dim=0).flatten(1)
+        return group_average(table, self.rel_pos_symmetric_over).flatten(1)
 
     def forward(self, x: torch.Tensor, mask: LocalMask | None = None) -> torch.Tensor:
         """Global attention, or local attention under ``mask`` (from ``local_attention_mask``)."""

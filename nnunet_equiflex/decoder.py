@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nnunet_equiflex.encoder import token_size_per_axis
-from nnunet_equiflex.groups import group_elements
+from nnunet_equiflex.groups import group_average, group_elements
 
 
 class _SymmetricConv:
@@ -35,7 +35,7 @@ class _SymmetricConv:
         self.elements = group_elements(group, self.weight.ndim - 2)
 
     def symmetric_weight(self) -> torch.Tensor:
-        return torch.stack([g.apply(self.weight) for g in self.elements]).mean(dim=0)
+        return group_average(self.weight, self.elements)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.symmetric_weight(), self.bias)

@@ -313,7 +313,7 @@ class EquiFlexEncoder(_TokenEmbedding, _Lifting, _Blocks, nn.Module):
         if patch_embed == "gmr":
             self.patch_embed = GMRPatchEmbed(in_channels, embed_dim, self.token_size[0], *gmr_options)
         elif patch_embed == "conv":
-            self.patch_embed = ConvStem(in_channels, embed_dim, self.token_size, hidden=max(embed_dim // 2, 1))
+            self.patch_embed = ConvStem(in_channels, embed_dim, self.token_size)
         else:
             self.patch_embed = PatchEmbed(in_channels, embed_dim, self.patch_size, self.spatial_dims)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))

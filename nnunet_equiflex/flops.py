@@ -86,8 +86,11 @@ def equiflex_forward_flops(
     hidden = int(dim * k["mlp_ratio"])
 
     embed_copies = 1 if (linear_lifting and folded_lifting) else copies
-    per_copy = _conv_stem_flops(patch_size, token, in_channels, dim) if conv_stem else None
-    flops = {"embedding": embed_copies * (per_copy or 2 * patches * in_channels * math.prod(token) * dim)}
+    if conv_stem:
+        per_copy = _conv_stem_flops(patch_size, token, patches, in_channels, dim)
+    else:
+        per_copy = 2 * patches * in_channels * math.prod(token) * dim
+    flops = {"embedding": embed_copies * per_copy}
     linear = attention = 0
     n_local = depth - n_global
     dilations = [k["window_dilation"]] * n_local
@@ -115,17 +118,13 @@ def equiflex_forward_flops(
     return flops
 
 
-def _conv_stem_flops(patch_size, token: tuple[int, ...], in_channels: int, dim: int) -> int:
-    """``blocks.ConvStem`` on one image: its stride-2 3^n convolutions (``dim // 2`` channels), then the 1x1 one."""
-    hidden, channels, total = max(dim // 2, 1), in_channels, 0
+def _conv_stem_flops(patch_size, token: tuple[int, ...], patches: int, in_channels: int, dim: int) -> int:
+    """``blocks.ConvStem`` on one image: its stride-2 3^n convolutions, then the 1x1 one on the ``patches`` tokens."""
+    hidden, channels, total = ConvStem.hidden_channels(dim), in_channels, 0
     for size in ConvStem.stage_sizes(tuple(patch_size), token):
         total += 2 * math.prod(size) * 3 ** len(token) * channels * hidden
         channels = hidden
-    return total + 2 * math.prod(grid_size(patch_size, token)) * channels * dim
-
-
-def grid_size(patch_size, token: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(size // t for size, t in zip(patch_size, token))
+    return total + 2 * patches * channels * dim
 
 
 def preset_forward_flops(name: str, in_channels: int, num_classes: int, patch_size, **overrides) -> dict[str, int]:

@@ -67,6 +67,12 @@ class GroupElement:
         return grid[:-2] + (grid[-1], grid[-2]) if self.transpose else grid
 
 
+def group_average(x: torch.Tensor, elements) -> torch.Tensor:
+    """``mean_g g(x)`` over ``elements``, each acting on the last axes of ``x`` (a kernel or a table of window
+    offsets): the result is invariant under every element of a group."""
+    return torch.stack([g.apply(x) for g in elements]).mean(dim=0)
+
+
 def check_group(group: str, spatial_dims: int = 2) -> None:
     """Reject a group name that is unknown or does not exist for ``spatial_dims``, naming the right value."""
     if group not in GROUP_NAMES:

@@ -109,7 +109,7 @@ def estimate_training_vram_gb(
     per_sample += 4 * pixels * maps * 3
     if kwargs.get("patch_embed") == "conv":  # each stem stage keeps its convolution, norm and GELU outputs, per copy
         stem_values = sum(math.prod(size) for size in ConvStem.stage_sizes(tuple(patch_size), token))
-        per_sample += 2 * 3 * max(d // 2, 1) * stem_values * copies
+        per_sample += 2 * 3 * ConvStem.hidden_channels(d) * stem_values * copies
     params = depth * (4 * d * d + 2 * mlp_hidden * d) + in_channels * math.prod(token) * d
     return (batch_size * per_sample + 16 * params) / 1e9 + 1.5
 

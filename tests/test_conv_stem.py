@@ -30,7 +30,7 @@ def network(preset, **overrides):
     ],
 )
 def test_stem_downsamples_by_the_token_size_per_axis(token, size, grid):
-    stem = ConvStem(2, 16, token, hidden=8)
+    stem = ConvStem(2, 16, token)  # 8 hidden channels (16 // 2)
     strided = [m for m in stem.stages if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
     assert len(strided) == max(token).bit_length() - 1  # one stride-2 stage per halving of the largest token side
     assert stem(torch.randn(3, 2, *size)).shape == (3, torch.Size(grid).numel(), 16)
