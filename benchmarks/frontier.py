@@ -110,6 +110,7 @@ PROFILE_2D = Profile(
         ("EquiFlex tiny_lift4_conv", "EquiFlexTrainerTinyLift4Conv", "EquiFlexPlans"),
         ("EquiFlex small_lift4_conv", "EquiFlexTrainerSmallLift4Conv", "EquiFlexPlans"),
         ("EquiFlex tiny_conv", "EquiFlexTrainerTinyConv", "EquiFlexPlans"),
+        ("EquiFlex tiny_conv_cn", "EquiFlexTrainerTinyConvCN", "EquiFlexPlans"),
         ("EquiFlex tiny", "EquiFlexTrainerTiny", "EquiFlexPlans"),
         ("ViT-S/8 flip0, group none", "FlexTrainerFlip0", "EquiFlexPlans"),
     ],

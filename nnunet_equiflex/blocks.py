@@ -42,6 +42,34 @@ class PatchEmbed(nn.Module):
 
 
 INSTANCE_NORMS = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+STEM_NORMS = ("instance", "channel")
+
+
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels of each pixel (voxel) on its own, affine: no statistic spans space, so what a
+    stem computes at one place does not depend on the rest of the image (instance norm's statistics do)."""
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.movedim(1, -1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return x.movedim(-1, 1)
+
+
+def check_stem_norm(kind: object) -> None:
+    if kind not in STEM_NORMS:
+        raise ValueError(f"unknown stem_norm {kind!r}; choose one of {', '.join(STEM_NORMS)}")
+
+
+def _stem_norm(kind: str, spatial_dims: int, channels: int) -> nn.Module:
+    check_stem_norm(kind)
+    if kind == "instance":
+        return INSTANCE_NORMS[spatial_dims](channels, affine=True)
+    return ChannelNorm(channels)
 
 
 class ConvStem(nn.Module):
@@ -51,13 +79,13 @@ class ConvStem(nn.Module):
     to ``embed_dim``. Token sizes must be powers of 2. Each token then sees a window wider than its own pixels, and
     edges that straddle token boundaries reach it whole. Not linear, so a lifting through it runs every copy."""
 
-    def __init__(self, in_channels: int, embed_dim: int, token_size: tuple[int, ...]) -> None:
+    def __init__(self, in_channels: int, embed_dim: int, token_size: tuple[int, ...], norm: str = "instance") -> None:
         super().__init__()
         n, channels, layers, hidden = len(token_size), in_channels, [], self.hidden_channels(embed_dim)
         for stride in self.strides(token_size):
             layers += [
                 CONVS[n](channels, hidden, kernel_size=3, stride=stride, padding=1),
-                INSTANCE_NORMS[n](hidden, affine=True),
+                _stem_norm(norm, n, hidden),
                 nn.GELU(),
             ]
             channels = hidden

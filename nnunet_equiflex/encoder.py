@@ -59,7 +59,7 @@ from nnunet_equiflex.attention import (
     parse_token_layout,
     resolve_backend,
 )
-from nnunet_equiflex.blocks import Block, ConvStem, PatchEmbed, init_weights
+from nnunet_equiflex.blocks import Block, ConvStem, PatchEmbed, check_stem_norm, init_weights
 from nnunet_equiflex.gmr import GMRPatchEmbed
 from nnunet_equiflex.groups import SPATIAL_DIMS, check_grid_supported, check_group, group_elements
 
@@ -256,12 +256,14 @@ class EquiFlexEncoder(_TokenEmbedding, _Lifting, _Blocks, nn.Module):
         n_global_blocks: int | None = None,
         spatial_dims: int = 2,
         relative_position_bias: bool = False,
+        stem_norm: str = "instance",
     ) -> None:
         super().__init__()
         n_global_blocks = n_lifted_blocks if n_global_blocks is None else n_global_blocks
         check_spatial_dims(spatial_dims)
         pos_embed_grid = default_pos_embed_grid(spatial_dims) if pos_embed_grid is None else pos_embed_grid
         _check_dimension_settings(spatial_dims, patch_size, tuple(pos_embed_grid), group, patch_embed)
+        check_stem_norm(stem_norm)
         _check_encoder_settings(
             in_channels=in_channels, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
             mlp_ratio=mlp_ratio, n_lifted_blocks=n_lifted_blocks, n_global_blocks=n_global_blocks,
@@ -290,7 +292,7 @@ class EquiFlexEncoder(_TokenEmbedding, _Lifting, _Blocks, nn.Module):
 
         self._build_layers(
             in_channels, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, norm_eps, drop_path_rate,
-            layer_scale_init, patch_embed, (gmr_kernel_sizes, gmr_rings, gmr_hidden_dim, gmr_strides),
+            layer_scale_init, patch_embed, (gmr_kernel_sizes, gmr_rings, gmr_hidden_dim, gmr_strides), stem_norm,
         )  # fmt: skip
         if relative_position_bias:
             self._add_relative_position_bias()
@@ -307,13 +309,13 @@ class EquiFlexEncoder(_TokenEmbedding, _Lifting, _Blocks, nn.Module):
 
     def _build_layers(
         self, in_channels, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, norm_eps, drop_path_rate,
-        layer_scale_init, patch_embed, gmr_options,
+        layer_scale_init, patch_embed, gmr_options, stem_norm="instance",
     ) -> None:  # fmt: skip
         """Patch embedding, CLS/register tokens, position embedding, blocks and norm, initialised."""
         if patch_embed == "gmr":
             self.patch_embed = GMRPatchEmbed(in_channels, embed_dim, self.token_size[0], *gmr_options)
         elif patch_embed == "conv":
-            self.patch_embed = ConvStem(in_channels, embed_dim, self.token_size)
+            self.patch_embed = ConvStem(in_channels, embed_dim, self.token_size, stem_norm)
         else:
             self.patch_embed = PatchEmbed(in_channels, embed_dim, self.patch_size, self.spatial_dims)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))

@@ -107,6 +107,7 @@ PRESETS["tiny_lift4_conv"] = dict(PRESETS["tiny_lift4"], patch_embed="conv")
 # The convolutional stem at twice tiny_lift4's width (the default) and at the cheap end (tiny, 1 of 4 blocks lifted).
 PRESETS["small_lift4_conv"] = dict(PRESETS["small_lift4"], patch_embed="conv")
 PRESETS["tiny_conv"] = dict(PRESETS["tiny"], patch_embed="conv")
+PRESETS["tiny_conv_cn"] = dict(PRESETS["tiny_conv"], stem_norm="channel")
 
 # 3D presets, apart from the 2D ones above (which the 2D planner and trainers offer): volumes (B, C, D, H, W).
 PRESETS_3D: dict[str, dict[str, Any]] = {
@@ -188,6 +189,9 @@ class EquiFlexFormer(nn.Module):
         relative_position_bias: every local block learns a bias per head and window offset (Swin's relative
             position bias), so attention can tell a window's keys apart by where they lie; symmetrised over the
             group in the blocks after the pooling, free in the lifted ones.
+        stem_norm: the normalisation after each convolution of the ``patch_embed="conv"`` stem: "instance" (per
+            image and channel, as in nnU-Net's CNN) or "channel" (per pixel, over the channels: local, so a bright
+            region elsewhere in the image does not change a structure's features).
     """
 
     def __init__(
@@ -225,6 +229,7 @@ class EquiFlexFormer(nn.Module):
         refine_mode: str = "symmetric",
         lifted_head: bool = False,
         relative_position_bias: bool = False,
+        stem_norm: str = "instance",
     ) -> None:
         super().__init__()
         check_spatial_dims(spatial_dims)
@@ -265,6 +270,7 @@ class EquiFlexFormer(nn.Module):
             n_global_blocks=n_global_blocks,
             spatial_dims=spatial_dims,
             relative_position_bias=relative_position_bias,
+            stem_norm=stem_norm,
         )
         self.lifted_head = lifted_head
         self.decoder = LightDecoder(

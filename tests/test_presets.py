@@ -161,7 +161,17 @@ def test_every_preset_is_equivariant(preset):
 
 
 @pytest.mark.parametrize(
-    "preset", ["vit_s8_flip0", "vit_ti8", "mini4", "tiny_liftref", "tiny_lifthead", "tiny_lift4_rpb", "tiny_conv"]
+    "preset",
+    [
+        "vit_s8_flip0",
+        "vit_ti8",
+        "mini4",
+        "tiny_liftref",
+        "tiny_lifthead",
+        "tiny_lift4_rpb",
+        "tiny_conv",
+        "tiny_conv_cn",
+    ],
 )
 def test_cheapest_presets_without_the_group_are_not_equivariant(preset):
     net = preset_network(preset, group="none")

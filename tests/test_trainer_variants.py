@@ -35,6 +35,7 @@ def plans_naming(preset: str) -> PlansManager:
         ("EquiFlexTrainerTinyLift4Conv", "tiny_lift4_conv"),
         ("EquiFlexTrainerSmallLift4Conv", "small_lift4_conv"),
         ("EquiFlexTrainerTinyConv", "tiny_conv"),
+        ("EquiFlexTrainerTinyConvCN", "tiny_conv_cn"),
     ],
 )
 @pytest.mark.parametrize("planned", ["tiny", "mini4", "vit_s8"])

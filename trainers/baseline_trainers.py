@@ -31,6 +31,7 @@ from nnunet_equiflex.trainers.equiflex_trainers import (
     EquiFlexTrainerTiny,
     EquiFlexTrainerTiny3D,
     EquiFlexTrainerTinyConv,
+    EquiFlexTrainerTinyConvCN,
     EquiFlexTrainerTinyLift4,
     EquiFlexTrainerTinyLift4Conv,
     EquiFlexTrainerTinyLift4RPB,
@@ -71,6 +72,7 @@ __all__ = [
     "EquiFlexTrainerTinyLift4Conv_budget",
     "EquiFlexTrainerSmallLift4Conv_budget",
     "EquiFlexTrainerTinyConv_budget",
+    "EquiFlexTrainerTinyConvCN_budget",
     "EquiFlexTrainerTiny_budget",
     "FlexTrainerFlip0_budget",
     "FlexTrainerTiny_budget",
@@ -176,6 +178,7 @@ EquiFlexTrainerTinyLift4RPB_budget = budget_variant(EquiFlexTrainerTinyLift4RPB)
 EquiFlexTrainerTinyLift4Conv_budget = budget_variant(EquiFlexTrainerTinyLift4Conv)
 EquiFlexTrainerSmallLift4Conv_budget = budget_variant(EquiFlexTrainerSmallLift4Conv)
 EquiFlexTrainerTinyConv_budget = budget_variant(EquiFlexTrainerTinyConv)
+EquiFlexTrainerTinyConvCN_budget = budget_variant(EquiFlexTrainerTinyConvCN)
 FlexTrainerFlip0_budget = budget_variant(FlexTrainerFlip0)
 FlexTrainerTiny_budget = budget_variant(FlexTrainerTiny)
 FlexTrainerTinyNoMirroring_budget = budget_variant(FlexTrainerTinyNoMirroring)

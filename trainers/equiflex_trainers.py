@@ -67,6 +67,7 @@ __all__ = [
     "EquiFlexTrainerTinyLift4Conv",
     "EquiFlexTrainerSmallLift4Conv",
     "EquiFlexTrainerTinyConv",
+    "EquiFlexTrainerTinyConvCN",
     "FlexTrainerTiny",
     "FlexTrainerTinyNoMirroring",
     "EquiFlexTrainerTiny_smoke",
@@ -437,6 +438,13 @@ class EquiFlexTrainerTinyConv(EquiFlexTrainerTiny):
 
     network_preset = "tiny_conv"
     network_overrides = preset_shape_kwargs("tiny_conv")
+
+
+class EquiFlexTrainerTinyConvCN(EquiFlexTrainerTiny):
+    """tiny_conv with the stem's norm per pixel over the channels instead of per image."""
+
+    network_preset = "tiny_conv_cn"
+    network_overrides = preset_shape_kwargs("tiny_conv_cn")
 
 
 class FlexTrainerTiny(EquiFlexTrainerTiny):
