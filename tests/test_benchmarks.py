@@ -99,6 +99,17 @@ def test_frontier_quick_run_trains_compares_times_and_applies_the_rule(tmp_path)
     # a rerun resumes: every nnU-Net step is skipped, the timing and the table are redone
     again = run_benchmark("frontier.py", str(tmp_path / "frontier"), "--quick")
     assert "== train_EquiFlexTrainerTiny: done in an earlier run, skipped" in again
+    # the trained networks on a second, new test set (another seed)
+    out = run_benchmark("frontier_holdout.py", str(tmp_path / "frontier"), "--num-test", "3", "--seed", "5")
+    assert "3 new slices of 64-72 px, seed 5" in out and "(2 x 4 iterations" in out
+    held = json.loads((tmp_path / "frontier" / "holdout_seed5" / "holdout.json").read_text())["rows"]
+    assert [(r["trainer"], r["use_mirroring"]) for r in held] == [
+        ("nnUNetTrainer", True), ("nnUNetTrainer", False), ("EquiFlexTrainerTiny", False)
+    ]  # fmt: skip
+    assert all(r["cases"] == 3 for r in held) and held[0]["vs_cnn_tta"] == 0.0
+    assert "| nnU-Net CNN + TTA (4 passes) | nnUNetTrainer | " in out
+    assert "| EquiFlex (1 pass) | EquiFlexTrainerTiny | " in out
+    assert "default rule (fastest EquiFlex preset within 1 point of the CNN with TTA):" in out  # frontier's s/case
 
 
 def test_frontier_3d_quick_run_compares_tiny3d_with_the_3d_cnn_and_its_8_pass_tta(tmp_path):

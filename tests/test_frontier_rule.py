@@ -1,6 +1,7 @@
 """The frontier's default-choice rule on hand-made rows (the benchmark run itself is in test_benchmarks.py)."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -126,3 +127,79 @@ def test_case_columns_count_missed_cases_and_read_older_records_as_unknown():
                   dice_per_case=cases)]  # fmt: skip
     text = frontier.markdown(table)
     assert "| median case Dice | cases < 0.5 |" in text and "| 0.8000 | 1/3 |" in text
+
+
+def load_holdout():
+    load_frontier()  # frontier_holdout.py imports frontier, as when run beside it
+    spec = importlib.util.spec_from_file_location("frontier_holdout", FRONTIER.parent / "frontier_holdout.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["frontier_holdout"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def compare_row(spec: str, tta: bool, cases: list[float]) -> dict:
+    per_case = {f"fold_0/case_{i}.nii.gz": v for i, v in enumerate(cases)}
+    return dict(method=spec, spec=f"{spec}_budget__P__2d", use_mirroring=tta, dice_per_class={},
+                dice_mean=sum(cases) / len(cases), dice_per_case=per_case)  # fmt: skip
+
+
+def test_the_holdout_pairs_each_case_with_the_cnn_with_tta():
+    holdout = load_holdout()
+    rows = [compare_row("EquiFlexTrainerTiny", False, [0.9, 0.0, 0.8, 0.9]),
+            compare_row("nnUNetTrainer", True, [0.8, 0.7, 0.8, 0.8])]  # fmt: skip
+    tiny, cnn = holdout.summary(rows)
+    assert cnn["vs_cnn_tta"] == 0.0 and cnn["interval"] == 0.0
+    # differences 10, -70, 0, 10 points: mean -12.5, sample sd 38.622, 1.96 * sd / sqrt(4) = 37.85
+    assert tiny["vs_cnn_tta"] == pytest.approx(-12.5)
+    assert tiny["interval"] == pytest.approx(37.850, abs=1e-3)
+    assert (tiny["worst_case"], tiny["below_half"], tiny["median_case"]) == (0.0, 1, pytest.approx(0.85))
+    line = "| EquiFlexTrainerTiny | EquiFlexTrainerTiny | 0.6500 | -12.50 +- 37.85 | 0.8500 | 0.0000 | 1/4 |"
+    assert line in holdout.markdown([tiny], [])
+
+
+def test_the_holdout_needs_the_cnn_trained(tmp_path):
+    holdout = load_holdout()
+    model = tmp_path / "EquiFlexTrainerTiny_budget__EquiFlexPlans__2d" / "fold_0"
+    model.mkdir(parents=True)
+    (model / "checkpoint_final.pth").write_bytes(b"")
+    with pytest.raises(SystemExit, match="nnUNetTrainer.*baseline"):
+        holdout.trained_networks(tmp_path, None)
+    with pytest.raises(SystemExit, match="not trained.*EquiFlexTrainerFlip0"):
+        holdout.trained_networks(tmp_path, ["EquiFlexTrainerFlip0"])
+
+
+def test_the_holdout_rule_takes_the_frontier_tables_timing_and_names_what_it_did_not_time(tmp_path):
+    holdout = load_holdout()
+    rows = [compare_row("EquiFlexTrainerTiny", False, [0.85, 0.86]),
+            compare_row("EquiFlexTrainerFlip0", False, [0.9, 0.9]),
+            compare_row("nnUNetTrainer", True, [0.86, 0.86])]  # fmt: skip
+    table = holdout.summary(rows)
+    timed = tmp_path / "frontier.json"
+    timed.write_text(json.dumps({"rows": [
+        dict(trainer="nnUNetTrainer", use_mirroring=True, seconds_per_case=1.0),
+        dict(trainer="EquiFlexTrainerTiny", use_mirroring=False, seconds_per_case=0.25),
+    ]}))  # fmt: skip
+    rule_rows, untimed = holdout.rule_rows(table, timed)
+    assert untimed == ["EquiFlexTrainerFlip0"]
+    text = holdout.rule_text(rule_rows, untimed)
+    assert "EquiFlexTrainerTiny (tiny), 4.00x faster per case, -0.50 points" in text
+    assert text.endswith("left out: EquiFlexTrainerFlip0")
+    assert "not applied" in holdout.rule_text(*holdout.rule_rows(table, tmp_path / "none.json"))
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_committed_holdouts_name_the_default_by_the_rule(seed):
+    """benchmarks/frontier_cpu/holdout_seedS: the frontier's networks on 200 new slices. There the rule needs no
+    fallback: DEFAULT_PRESET is the fastest evaluated preset within 1 point of the CNN with TTA."""
+    from nnunet_equiflex.network import DEFAULT_PRESET
+
+    frontier = load_frontier()
+    folder = FRONTIER.parent / "frontier_cpu" / f"holdout_seed{seed}"
+    saved = json.loads((folder / "holdout.json").read_text())
+    assert all(r["cases"] == 200 for r in saved["rows"])
+    compare_rows = json.loads((folder / "compare_results.json").read_text())["rows"]
+    load_holdout()
+    recomputed = sys.modules["frontier_holdout"].summary(compare_rows)
+    assert [r["dice_mean"] for r in recomputed] == [r["dice_mean"] for r in saved["rows"]]
+    assert frontier.PRESET_OF_TRAINER[frontier.choose_default(saved["rule_rows"])["trainer"]] == DEFAULT_PRESET
