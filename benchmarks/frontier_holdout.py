@@ -5,7 +5,8 @@ three points. This draws ``--num-test`` new slices with another seed (``syntheti
 frontier's size range; never used to choose anything) and evaluates every network trained in the frontier's work
 folder on them with ``nnunet-equiflex compare`` (nnU-Net's CNN with and without TTA). It prints mean Dice, the
 paired difference to the CNN with TTA with a 95% interval (mean of the per-case differences +- 1.96 standard
-errors), the median and worst case, and the cases below 0.5; ``WORK/holdout_seedS/holdout.{md,json}`` keep them.
+errors), the median and worst case and the cases below 0.5, then applies the frontier's default rule with the s/case
+of the frontier table in WORK (timed there, every row together); ``WORK/holdout_seedS/holdout.{md,json}`` keep them.
 
     python benchmarks/frontier.py WORK --networks nnUNetTrainer EquiFlexTrainerTinyConv   # trains
     python benchmarks/frontier_holdout.py WORK                                             # 200 new slices, seed 1
@@ -21,7 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
-from frontier import PROFILE_2D, machine_line, rule_line, run_env
+from frontier import FAILED_CASE_DICE, PROFILE_2D, machine_line, rule_line, run_env
 
 from nnunet_equiflex.main_job import run_logged
 
@@ -77,16 +78,18 @@ def trainer_of(row: dict) -> str:
 
 
 def paired(row: dict, baseline: dict) -> dict:
-    """Mean Dice, per-case statistics and the paired difference to ``baseline`` (points, with a 95% interval)."""
-    cases = row["dice_per_case"]
-    diffs = [100 * (cases[c] - baseline["dice_per_case"][c]) for c in cases]
+    """Mean Dice, per-case statistics and the paired difference to ``baseline`` (points, with a 95% interval).
+    A case without a Dice (NaN: no structure in it or its prediction) is left out of both."""
+    cases, reference = row["dice_per_case"], baseline["dice_per_case"]
+    both = [c for c in cases if not (math.isnan(cases[c]) or math.isnan(reference[c]))]
+    diffs = [100 * (cases[c] - reference[c]) for c in both]
     half = 1.96 * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
-    values = sorted(cases.values())
+    values = sorted(cases[c] for c in both)
     return {
         "method": row["method"], "trainer": trainer_of(row), "use_mirroring": row["use_mirroring"],
         "dice_mean": row["dice_mean"], "dice_per_class": row["dice_per_class"],
         "vs_cnn_tta": statistics.fmean(diffs), "interval": half, "median_case": statistics.median(values),
-        "worst_case": values[0], "below_half": sum(v < 0.5 for v in values), "cases": len(values),
+        "worst_case": values[0], "below_half": sum(v < FAILED_CASE_DICE for v in values), "cases": len(values),
     }  # fmt: skip
 
 
@@ -164,7 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     settings, env = load_work(work)
     out = work / f"holdout_seed{args.seed}"
     results = out / "compare" / "results.json"
-    if not (args.table_only and results.is_file()):
+    if args.table_only and not results.is_file():
+        raise SystemExit(f"no predictions for seed {args.seed} in {out}; run without --table-only first")
+    if not args.table_only:
         networks = trained_networks(Path(env["nnUNet_results"]) / PROFILE_2D.dataset_name, args.networks)
         data = generate(out / "raw", settings, args.num_test, args.seed)
         print(f"{args.num_test} new test slices (seed {args.seed}) in {data}; evaluating {len(networks)} networks")

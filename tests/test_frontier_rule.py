@@ -203,3 +203,12 @@ def test_committed_holdouts_name_the_default_by_the_rule(seed):
     recomputed = sys.modules["frontier_holdout"].summary(compare_rows)
     assert [r["dice_mean"] for r in recomputed] == [r["dice_mean"] for r in saved["rows"]]
     assert frontier.PRESET_OF_TRAINER[frontier.choose_default(saved["rule_rows"])["trainer"]] == DEFAULT_PRESET
+
+
+def test_a_case_without_a_dice_is_left_out_of_the_pairing():
+    holdout = load_holdout()
+    tiny = compare_row("EquiFlexTrainerTiny", False, [0.9, 0.7])
+    tiny["dice_per_case"]["fold_0/case_2.nii.gz"] = float("nan")
+    cnn = compare_row("nnUNetTrainer", True, [0.8, 0.8, 0.8])
+    row = holdout.paired(tiny, cnn)
+    assert row["cases"] == 2 and row["vs_cnn_tta"] == pytest.approx(0.0) and row["below_half"] == 0
