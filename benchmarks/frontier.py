@@ -267,16 +267,25 @@ def load_plans(env: dict, plans: str, profile: Profile) -> dict:
 def evaluate(work: Path, profile: Profile, env: dict, steps: Steps, device: str, networks: list) -> None:
     """``compare`` of the networks trained in this folder on the test cases (``work/compare``)."""
     raw = Path(env["nnUNet_raw"]) / profile.dataset_name
-    specs = [profile.spec(t, p) for _, t, p in networks]
 
     def compare_step() -> None:
-        args = ["nnunet-equiflex", "compare", "-d", str(profile.dataset_id), "-r", *specs, "-f", "0"]
-        args += ["-i", str(raw / "imagesTs"), "-l", str(raw / "labelsTs"), "-o", str(work / "compare")]
-        args += ["--overwrite", "--device", device]
-        run_logged(args, env, work / "logs" / "compare.txt", show=lambda line: not line.startswith("|"))
+        run_compare(profile, networks, raw, work / "compare", env, device, work / "logs" / "compare.txt")
 
-    subset = "" if len(specs) == len(profile.networks) else "_" + "_".join(t for _, t, _ in networks)
+    subset = "" if len(networks) == len(profile.networks) else "_" + "_".join(t for _, t, _ in networks)
     steps.run(f"compare{subset}", compare_step)
+
+
+def run_compare(
+    profile: Profile, networks, data: Path, out: Path, env: dict, device: str, log: Path, flip_check: bool = True
+) -> Path:
+    """``nnunet-equiflex compare`` of the budget runs of ``networks`` (fold 0) on the test set of the raw dataset
+    folder ``data`` (``imagesTs``, ``labelsTs``) into ``out``; returns its ``results.json``."""
+    specs = [profile.spec(t, p) for _, t, p in networks]
+    args = ["nnunet-equiflex", "compare", "-d", str(profile.dataset_id), "-r", *specs, "-f", "0"]
+    args += ["-i", str(data / "imagesTs"), "-l", str(data / "labelsTs"), "-o", str(out), "--overwrite"]
+    args += ["--device", device] + ([] if flip_check else ["--no-flip-check"])
+    run_logged(args, env, log, show=lambda line: not line.startswith("|"))
+    return out / "results.json"
 
 
 def record_trained(work: Path, profile: Profile, env: dict, saved: dict, digest: str, folder: Path, networks) -> None:

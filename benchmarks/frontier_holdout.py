@@ -22,9 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
-from frontier import FAILED_CASE_DICE, PROFILE_2D, machine_line, rule_line, run_env
-
-from nnunet_equiflex.main_job import run_logged
+from frontier import FAILED_CASE_DICE, PROFILE_2D, machine_line, rule_line, run_compare, run_env
 
 CNN_TTA = ("nnUNetTrainer", True)
 
@@ -61,16 +59,6 @@ def generate(raw: Path, settings: dict, num_test: int, seed: int) -> Path:
         raw, PROFILE_2D.dataset_id, 1, num_test, seed=seed, size_range=tuple(settings["size_range"]),
         overwrite=True, name="SyntheticCardiacHoldout", difficulty="hard",
     )  # fmt: skip
-
-
-def run_compare(work: Path, out: Path, data: Path, networks: list, env: dict, device: str) -> Path:
-    out = out / "compare"
-    specs = [PROFILE_2D.spec(t, p) for _, t, p in networks]
-    args = ["nnunet-equiflex", "compare", "-d", str(PROFILE_2D.dataset_id), "-r", *specs, "-f", "0"]
-    args += ["-i", str(data / "imagesTs"), "-l", str(data / "labelsTs"), "-o", str(out)]
-    args += ["--overwrite", "--no-flip-check", "--device", device]
-    run_logged(args, env, work / "logs" / f"{out.parent.name}_compare.txt", show=lambda line: not line.startswith("|"))
-    return out / "results.json"
 
 
 def trainer_of(row: dict) -> str:
@@ -115,20 +103,16 @@ def rule_rows(table: list[dict], frontier_json: Path) -> tuple[list[dict], list[
     there), as rows for the frontier's default rule; and the trainers the table did not time (left out of the rule)."""
     if not frontier_json.is_file():
         return [], [t["trainer"] for t in table]
-    timed = {
-        (r["trainer"], r["use_mirroring"]): r["seconds_per_case"] for r in json.loads(frontier_json.read_text())["rows"]
-    }
+    timed = {(r["trainer"], r["use_mirroring"]): r for r in json.loads(frontier_json.read_text())["rows"]}
     rows, untimed = [], []
     for t in table:
-        seconds = timed.get((t["trainer"], t["use_mirroring"]))
-        if seconds is None:
+        cost = timed.get((t["trainer"], t["use_mirroring"]))
+        if cost is None:
             untimed.append(t["trainer"])
             continue
         rows.append(dict(trainer=t["trainer"], use_mirroring=t["use_mirroring"], dice_mean=t["dice_mean"],
-                         seconds_per_case=seconds, dice_vs_cnn_tta_points=t["vs_cnn_tta"]))  # fmt: skip
-    baseline = timed.get(CNN_TTA)
-    for r in rows:
-        r["speedup_vs_cnn_tta"] = baseline / r["seconds_per_case"] if baseline else float("nan")
+                         dice_vs_cnn_tta_points=t["vs_cnn_tta"], seconds_per_case=cost["seconds_per_case"],
+                         speedup_vs_cnn_tta=cost["speedup_vs_cnn_tta"]))  # fmt: skip
     return rows, untimed
 
 
@@ -173,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
         networks = trained_networks(Path(env["nnUNet_results"]) / PROFILE_2D.dataset_name, args.networks)
         data = generate(out / "raw", settings, args.num_test, args.seed)
         print(f"{args.num_test} new test slices (seed {args.seed}) in {data}; evaluating {len(networks)} networks")
-        run_compare(work, out, data, networks, env, args.device)
+        log = work / "logs" / f"{out.name}_compare.txt"
+        run_compare(PROFILE_2D, networks, data, out / "compare", env, args.device, log, flip_check=False)
     table = summary(json.loads(results.read_text())["rows"])
     rules, untimed = rule_rows(table, work / "frontier" / "frontier.json")
     header = header_lines(args, settings, work)

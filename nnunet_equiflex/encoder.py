@@ -309,7 +309,7 @@ class EquiFlexEncoder(_TokenEmbedding, _Lifting, _Blocks, nn.Module):
 
     def _build_layers(
         self, in_channels, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, norm_eps, drop_path_rate,
-        layer_scale_init, patch_embed, gmr_options, stem_norm="instance",
+        layer_scale_init, patch_embed, gmr_options, stem_norm,
     ) -> None:  # fmt: skip
         """Patch embedding, CLS/register tokens, position embedding, blocks and norm, initialised."""
         if patch_embed == "gmr":

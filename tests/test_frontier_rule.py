@@ -177,8 +177,8 @@ def test_the_holdout_rule_takes_the_frontier_tables_timing_and_names_what_it_did
     table = holdout.summary(rows)
     timed = tmp_path / "frontier.json"
     timed.write_text(json.dumps({"rows": [
-        dict(trainer="nnUNetTrainer", use_mirroring=True, seconds_per_case=1.0),
-        dict(trainer="EquiFlexTrainerTiny", use_mirroring=False, seconds_per_case=0.25),
+        dict(trainer="nnUNetTrainer", use_mirroring=True, seconds_per_case=1.0, speedup_vs_cnn_tta=1.0),
+        dict(trainer="EquiFlexTrainerTiny", use_mirroring=False, seconds_per_case=0.25, speedup_vs_cnn_tta=4.0),
     ]}))  # fmt: skip
     rule_rows, untimed = holdout.rule_rows(table, timed)
     assert untimed == ["EquiFlexTrainerFlip0"]
